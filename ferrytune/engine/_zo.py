@@ -1,0 +1,282 @@
+"""The zeroth-order step: MeZO's math, run ZO2-style over streamed blocks.
+
+MeZO (Malladi et al., 2023) estimates the gradient from two forwards at
+``θ + εz`` and ``θ - εz`` and updates ``θ -= lr · g · z`` with ``g = (l+ - l-) / 2ε``;
+z is never stored, only regenerated from a seed. ZO2 (Wang et al., 2025) runs
+both forwards per block while the block is on the device, so each block is
+fetched once per step, and applies step t's update when the block arrives at
+step t+1.
+
+Here, per step and per unit, in forward order:
+
+1. fetch the block; apply the *pending* update of the previous step
+   (``p.add_(z_k, alpha=-lr·g_k/q)`` per perturbation k, weight decay first,
+   stochastic rounding when the master copy is bf16);
+2. for each perturbation k: ``p += εz_k``, run the ``(k,+)`` streams,
+   ``p -= 2εz_k``, run the ``(k,-)`` streams, ``p += εz_k`` — the in-place
+   sequence of MeZO's loop, so the weights are bit-identical to it;
+3. release the block dirty (written back to its tier).
+
+z_k of a parameter comes from the counter-based generator keyed by
+``(seed, step, k, param_id)``: it does not depend on visiting order, so every
+rank of a distributed job regenerates the same z. A rank computes only the
+streams it owns (perturbation parallelism) but always runs the full in-place
+sequence, so all ranks hold bit-identical weights.
+
+A tied weight (embedding = lm_head) is used by two units; for it the values
+``θ+εz``, ``θ-εz`` and the restored value are computed once per step (with the
+same in-place arithmetic, on copies) and bound per stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
+from ferrytune.kernels import PerturbKey, perturbation, stochastic_round_
+from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.offload._stream import BlockStreamer
+
+logger = logging.getLogger(__name__)
+
+SR_INDEX = 1 << 20  # perturbation index reserved for the stochastic-rounding stream
+
+
+@dataclass(frozen=True)
+class ZOHyper:
+    eps: float
+    num_perturbations: int
+    distribution: str
+    update: str  # "sgd" | "sign"
+    momentum: float
+    weight_decay: float
+    seed: int
+
+
+@dataclass
+class PendingUpdate:
+    """Step ``step``'s update, waiting to be applied when each block is next fetched."""
+
+    step: int
+    grads: list[float]  # projected gradient per perturbation
+    lr: float
+    done: set[str] = field(default_factory=set)
+
+
+Stream = tuple[int, int]  # (perturbation index k, sign +1/-1); sign 0 = unperturbed (eval)
+
+
+class ZOEngine:
+    """Runs ZO forwards through the HF model with every unit intercepted."""
+
+    def __init__(self, layout: ModelLayout, streamer: BlockStreamer, hyper: ZOHyper, *,
+                 device: torch.device, compute_dtype: torch.dtype, store_dtype: torch.dtype,
+                 state_streamer: BlockStreamer | None = None) -> None:
+        self.layout = layout
+        self.streamer = streamer
+        self.state_streamer = state_streamer  # momentum, same blocks, fp32
+        self.h = hyper
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.store_dtype = store_dtype
+        self.pending: PendingUpdate | None = None
+        self.interceptor = UnitInterceptor(layout)
+        self.interceptor.handler = self._call_unit
+        self.interceptor.install()
+        units_of: dict[int, set[str]] = {}
+        for u in layout.units:
+            for p in u.params:
+                units_of.setdefault(p.param_id, set()).add(u.name)
+        self._shared = {pid for pid, us in units_of.items() if len(us) > 1}
+        max_numel = max(b.numel for b in layout.blocks.values())
+        self._zbuf = torch.empty(max_numel, dtype=torch.float32, device=self.device)
+        self._dbuf: torch.Tensor | None = None
+        self._pass: _PassState | None = None
+
+    # ------------------------------------------------------------- one pass
+    def run(self, step: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            positions: torch.Tensor, streams: list[Stream], rows_per_stream: int,
+            head_fn: Callable[[torch.Tensor], Any], *, dirty: bool = True, num_micro: int = 1) -> Any:
+        """Run one pass over the stacked batch; returns ``head_fn``'s result on the head output.
+
+        ``input_ids``/``attention_mask``: (S*M*R, T): stream s owns rows s*M*R:(s+1)*M*R,
+        made of M micro-batches of R rows. Each unit runs once per (stream, micro-batch)
+        chunk, so a row's arithmetic never depends on how many micro-batches a rank holds
+        (data-parallel ranks then match a single process bit for bit).
+        ``positions``: (S*M*R, L) positions whose hidden states go through the head.
+        """
+        order = [OUTER] + self.layout.layer_blocks
+        self.streamer.start_pass(order)
+        momentum = self.state_streamer is not None and dirty and self.pending is not None
+        if momentum:
+            self.state_streamer.start_pass(order)
+        self._pass = _PassState(step=step, streams=streams, rows=rows_per_stream, dirty=dirty, num_micro=num_micro)
+        try:
+            self._open_block(OUTER)
+            model = self.layout.model
+            with torch.no_grad():
+                out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+                h = torch.gather(hidden, 1, idx)  # (N, L, C)
+                logits = model.get_output_embeddings()(h)  # (N, L, V), through the head unit
+                result = head_fn(logits)
+            self._close_block(OUTER)
+        finally:
+            self._pass = None
+            self.streamer.finish_pass()
+            if momentum:
+                self.state_streamer.finish_pass()
+        return result
+
+    def flush(self) -> None:
+        """Apply the pending update to every block (before eval, checkpoint, end)."""
+        if self.pending is None:
+            return
+        order = [b for b in [OUTER] + self.layout.layer_blocks if b not in self.pending.done]
+        self.streamer.start_pass(order)
+        if self.state_streamer is not None:
+            self.state_streamer.start_pass(order)
+        for b in order:
+            flat = self.streamer.acquire(b)
+            self._apply_update(b, flat)
+            self.streamer.release(b, dirty=True)
+        self.streamer.finish_pass()
+        if self.state_streamer is not None:
+            self.state_streamer.finish_pass()
+        self.pending = None
+
+    # ------------------------------------------------------------ block life
+    def _open_block(self, b: str) -> None:
+        flat = self.streamer.acquire(b)
+        if self._pass.dirty and self.pending is not None and b not in self.pending.done:
+            self._apply_update(b, flat)
+        for p in self.layout.blocks[b].params:
+            bind(p, _view(flat, p))
+        self._pass.open[b] = flat
+
+    def _close_block(self, b: str) -> None:
+        flat = self._pass.open.pop(b)
+        for p in self.layout.blocks[b].params:
+            restored = self._pass.shared_restored.pop(p.param_id, None)
+            if restored is not None:
+                _view(flat, p).copy_(restored)
+            bind(p, None)
+        self.streamer.release(b, dirty=self._pass.dirty)
+
+    # -------------------------------------------------------------- the unit
+    def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
+        ps = self._pass
+        is_layer = unit.block_id != OUTER
+        if is_layer:
+            self._open_block(unit.block_id)
+        flat = ps.open[unit.block_id]
+        n_total = len(ps.streams) * ps.num_micro * ps.rows
+        if all(s[1] == 0 for s in ps.streams):  # unperturbed (evaluation)
+            result = orig(*args, **kwargs)
+        else:
+            own = [p for p in unit.params if p.param_id not in self._shared]
+            shared = [p for p in unit.params if p.param_id in self._shared]
+            by_stream: dict[tuple[int, int, int], Any] = {}
+            for k in sorted({s[0] for s in ps.streams}):
+                z = self._fill_z(own, ps.step, k, flat) if own else None
+                shared_vals = {p.param_id: self._shared_values(p, flat, ps.step, k) for p in shared}
+                for sign, alpha in ((1, self.h.eps), (-1, -2 * self.h.eps)):
+                    for p in own:
+                        _view(flat, p).add_(_view(z, p), alpha=alpha)
+                    if (k, sign) in ps.streams:
+                        for p in shared:
+                            bind(p, shared_vals[p.param_id][sign])
+                        i = ps.streams.index((k, sign))
+                        for m in range(ps.num_micro):
+                            c = i * ps.num_micro + m
+                            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
+                            by_stream[(k, sign, m)] = orig(*a, **kw)
+                for p in own:
+                    _view(flat, p).add_(_view(z, p), alpha=self.h.eps)
+            for p in shared:
+                bind(p, _view(flat, p))
+            outs = [by_stream[(k, sign, m)] for k, sign in ps.streams for m in range(ps.num_micro)]
+            result = cat_rows(outs, [ps.rows] * len(outs))
+        if is_layer:
+            self._close_block(unit.block_id)
+        return result
+
+    def _fill_z(self, params: list[ParamSpec], step: int, k: int, flat: torch.Tensor) -> torch.Tensor:
+        """z_k of every listed parameter, at the parameters' offsets in a scratch buffer."""
+        for p in params:
+            key = PerturbKey(self.h.seed, step, k, p.param_id)
+            _view(self._zbuf, p).copy_(perturbation(key, p.shape, dist=self.h.distribution, device=self.device))
+        return self._zbuf
+
+    def _shared_values(self, p: ParamSpec, flat: torch.Tensor, step: int, k: int) -> dict[int, torch.Tensor]:
+        cache = self._pass.shared_cache
+        if (p.param_id, k) not in cache:
+            base = self._pass.shared_restored.get(p.param_id, _view(flat, p))
+            z = perturbation(PerturbKey(self.h.seed, step, k, p.param_id), p.shape,
+                             dist=self.h.distribution, device=self.device)
+            plus = base.clone().add_(z, alpha=self.h.eps)
+            minus = plus.clone().add_(z, alpha=-2 * self.h.eps)
+            restored = minus.clone().add_(z, alpha=self.h.eps)
+            cache[(p.param_id, k)] = {1: plus, -1: minus}
+            self._pass.shared_restored[p.param_id] = restored
+        return cache[(p.param_id, k)]
+
+    # ------------------------------------------------------------ the update
+    def _apply_update(self, b: str, flat: torch.Tensor) -> None:
+        upd = self.pending
+        h = self.h
+        q = len(upd.grads)
+        mom = None
+        if self.state_streamer is not None:
+            mom = self.state_streamer.acquire(b)
+        for p in self.layout.blocks[b].params:
+            v = _view(flat, p)
+            if h.weight_decay and len(p.shape) >= 2:
+                v.mul_(1.0 - upd.lr * h.weight_decay)
+            if h.update == "sgd" and mom is None:
+                for k, g in enumerate(upd.grads):
+                    z = perturbation(PerturbKey(h.seed, upd.step, k, p.param_id), p.shape,
+                                     dist=h.distribution, device=self.device)
+                    v.add_(z, alpha=-upd.lr * g / q)
+            else:
+                d = torch.zeros(p.shape, dtype=torch.float32, device=self.device)
+                for k, g in enumerate(upd.grads):
+                    z = perturbation(PerturbKey(h.seed, upd.step, k, p.param_id), p.shape,
+                                     dist=h.distribution, device=self.device)
+                    d.add_(z, alpha=g / q)
+                if mom is not None:
+                    m = _view(mom, p)
+                    m.mul_(h.momentum).add_(d)
+                    d = m
+                if h.update == "sign":
+                    d = torch.sign(d)
+                v.add_(d, alpha=-upd.lr)
+            if self.store_dtype != torch.float32:
+                # bf16 masters: round stochastically so updates far below one ulp survive in expectation.
+                lo = torch.empty(p.shape, dtype=self.store_dtype, device=self.device)
+                stochastic_round_(v, lo, PerturbKey(h.seed, upd.step, SR_INDEX, p.param_id))
+                v.copy_(lo)
+        if mom is not None:
+            self.state_streamer.release(b, dirty=True)
+        upd.done.add(b)
+
+
+@dataclass
+class _PassState:
+    step: int
+    streams: list[Stream]
+    rows: int
+    dirty: bool
+    num_micro: int = 1
+    open: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared_cache: dict = field(default_factory=dict)
+    shared_restored: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _view(flat: torch.Tensor, p: ParamSpec) -> torch.Tensor:
+    return flat[p.offset: p.offset + p.numel].view(p.shape)

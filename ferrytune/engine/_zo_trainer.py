@@ -1,0 +1,305 @@
+"""``method: zo`` — the training loop around :class:`ZOEngine`.
+
+Per step: take the step's micro-batches (a pure function of the step, so resume
+is exact), stack them once per stream, run one pass, reduce the per-micro-batch
+loss sums (one all-reduce of a tiny table across ranks), and turn them into the
+projected gradients ``g_k``, which become the pending update. Every step appends
+``(step, seed, g_k, lr)`` to ``zo_log.jsonl``: with the initial weights, that
+log reproduces the run without any forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ferrytune.data import Batch, correct_per_sample, eval_batches, collate, load_examples, load_tokenizer, pad_id_for
+from ferrytune.data import Batcher, loss_per_sample
+from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, read_state, resolve_resume,
+                                          save_model_folder)
+from ferrytune.engine._metrics import MetricsWriter, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
+from ferrytune.engine._schedule import lr_at
+from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
+from ferrytune.errors import CheckpointError
+from ferrytune.offload._stream import BlockStreamer
+from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
+
+logger = logging.getLogger(__name__)
+
+ZO_LOG = "zo_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    losses: list[float]
+    eval: dict | None
+
+
+def streams_for(q: int, mesh: Mesh) -> list[Stream]:
+    """The (k, sign) streams this rank computes: all of them, or one sign under PertP."""
+    all_streams = [(k, s) for k in range(q) for s in (1, -1)]
+    if mesh.perturbation == 1:
+        return all_streams
+    sign = 1 if mesh.pp_rank == 0 else -1
+    return [st for st in all_streams if st[1] == sign]
+
+
+def pad_positions(batches: list[Batch]) -> list[Batch]:
+    """Give every micro-batch the same number L of scored positions (stacking needs it)."""
+    L = max(b.loss_positions.shape[1] for b in batches)
+    out = []
+    for b in batches:
+        extra = L - b.loss_positions.shape[1]
+        if extra:
+            pad = lambda t, v=0: torch.cat([t, torch.full((t.shape[0], extra), v, dtype=t.dtype)], dim=1)
+            b = Batch(b.input_ids, b.attention_mask, pad(b.loss_positions), pad(b.loss_targets),
+                      pad(b.loss_mask), b.labels, b.class_token_ids)
+        out.append(b)
+    return out
+
+
+def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[Stream], *,
+               micro_index: list[int], num_micro_global: int, q: int, mesh: Mesh, dirty: bool = True) -> torch.Tensor:
+    """One pass; returns the global table (2q, M_global) of per-micro-batch loss sums (float64)."""
+    micro = pad_positions(micro)
+    B = micro[0].batch_size
+    dev = engine.device
+    ids = torch.cat([m.input_ids for m in micro]).to(dev)  # (M*B, T)
+    mask = torch.cat([m.attention_mask for m in micro]).to(dev)
+    pos = torch.cat([m.loss_positions for m in micro]).to(dev)  # (M*B, L)
+    S = len(streams)
+    table = torch.zeros(2 * q, num_micro_global, dtype=torch.float64)
+
+    def head(logits: torch.Tensor) -> None:  # (S*M*B, L, V)
+        for si, (k, sign) in enumerate(streams):
+            row = 2 * k + (0 if sign == 1 else 1)
+            for mi, mb in enumerate(micro):
+                start = (si * len(micro) + mi) * B
+                losses = loss_per_sample(logits[start:start + B], mb.to(dev))  # (B,)
+                table[row, micro_index[mi]] = float(losses.sum())
+
+    engine.run(step, ids.repeat(S, 1), mask.repeat(S, 1), pos.repeat(S, 1), streams, B, head, dirty=dirty,
+               num_micro=len(micro))
+    return all_reduce_sum_(table, mesh)
+
+
+def grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[list[float], float]:
+    """g_k = (L+ - L-) / 2ε with L the global batch mean, summed in micro-batch order."""
+    q = table.shape[0] // 2
+    means = [sum(table[r].tolist()) / rows_total for r in range(2 * q)]
+    grads = [(means[2 * k] - means[2 * k + 1]) / (2 * eps) for k in range(q)]
+    return grads, (means[0] + means[1]) / 2
+
+
+class ZOTrainer:
+    """Owns the runtime, data, engine and loop of one ``method: zo`` run."""
+
+    def __init__(self, cfg, *, mesh: Mesh = Mesh()) -> None:
+        self.cfg = cfg
+        self.mesh = mesh
+        self.output_dir = Path(cfg.output_dir)
+
+    # --------------------------------------------------------------- set up
+    def setup(self) -> None:
+        cfg, mesh = self.cfg, self.mesh
+        self.ckpt = resolve_resume(self.output_dir, cfg.resume)
+        self.start_step = 0
+        source = Path(cfg.model.path)
+        if self.ckpt is not None:
+            state = read_state(self.ckpt)
+            if state.get("method") != "zo":
+                raise CheckpointError(f"{self.ckpt}: not a zo checkpoint (method {state.get('method')})")
+            self.start_step = int(state["step"])
+            source = self.ckpt
+            logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
+        sub = f"rank{mesh.rank}" if mesh.distributed else None
+        self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub)
+        rt = self.rt
+        logger.info("plan:\n%s", rt.plan.describe())
+        rt.streamer.open(weights_from(source, rt.layout))
+        self.state_streamer = None
+        if cfg.zo.momentum > 0:
+            self.state_streamer = BlockStreamer(
+                rt.plan, {b: s.numel for b, s in rt.layout.blocks.items()}, device=rt.device,
+                compute_dtype=torch.float32, store_dtype=torch.float32,
+                nvme_dir=None if not cfg.offload.nvme_dir else str(Path(cfg.offload.nvme_dir) / f"momentum{'-' + sub if sub else ''}"),
+                io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums)
+            mom_file = self.ckpt / "zo_momentum.safetensors" if self.ckpt else None
+            self.state_streamer.open(self._momentum_init(mom_file))
+        z = cfg.zo
+        hyper = ZOHyper(eps=z.eps, num_perturbations=z.num_perturbations, distribution=z.distribution,
+                        update=z.update, momentum=z.momentum, weight_decay=cfg.train.weight_decay,
+                        seed=cfg.train.seed)
+        self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
+                               store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.pad_id = pad_id_for(self.tokenizer)
+        self.train_examples, self.eval_examples = load_examples(cfg.data, self.tokenizer)
+        t = cfg.train
+        self.batcher = Batcher(self.train_examples, global_batch_size=t.batch_size,
+                               micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
+                               rank=mesh.dp_rank, world_size=mesh.data)
+        self.metrics = MetricsWriter(self.output_dir, enabled=mesh.is_main, start_step=self.start_step)
+        if mesh.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+            self._trim_log()
+
+    def _momentum_init(self, path: Path | None):
+        layout = self.rt.layout
+        if path is None or not path.exists():
+            return lambda b, flat: flat.zero_()
+        from safetensors.torch import load_file
+        tensors = load_file(str(path))
+
+        def init(b: str, flat: torch.Tensor) -> None:
+            for p in layout.blocks[b].params:
+                flat[p.offset:p.offset + p.numel].view(p.shape).copy_(tensors[p.name])
+        return init
+
+    def _trim_log(self) -> None:
+        path = self.output_dir / ZO_LOG
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.start_step]
+            path.write_text("".join(k + "\n" for k in keep))
+
+    # ----------------------------------------------------------------- loop
+    def train(self, *, progress: bool = True) -> TrainResult:
+        cfg, mesh = self.cfg, self.mesh
+        t = cfg.train
+        q = cfg.zo.num_perturbations
+        streams = streams_for(q, mesh)
+        M = self.batcher.num_micro_batches
+        micro_index = list(range(M))[mesh.dp_rank::mesh.data]
+        losses = []
+        bar = _progress(t.steps, self.start_step, enabled=progress and mesh.is_main)
+        for step in range(self.start_step, t.steps):
+            t0 = time.perf_counter()
+            before = self.rt.streamer.stats.snapshot()
+            micro = self.batcher.batches_for_step(step, pad_id=self.pad_id)
+            table = zo_forward(self.engine, step, micro, streams, micro_index=micro_index, num_micro_global=M,
+                               q=q, mesh=mesh)
+            grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
+            if not all(math.isfinite(g) for g in grads):
+                raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
+            lr = lr_at(step, t)
+            self.engine.pending = PendingUpdate(step, grads, lr)
+            self._log_step(step, grads, lr)
+            dt = time.perf_counter() - t0
+            tokens = sum(int(m.attention_mask.sum()) for m in micro) * len(streams)
+            rec = {"step": step + 1, "loss": loss, "grad": grads[0], "lr": lr, "step_s": round(dt, 4),
+                   "tokens_per_s": tokens / dt, "host_rss_gib": round(host_rss_gib()[0], 4),
+                   "host_peak_rss_gib": round(host_rss_gib()[1], 4)}
+            rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
+            losses.append(loss)
+            if (step + 1) % t.log_every_steps == 0:
+                self.metrics.write(rec)
+                if mesh.is_main:
+                    logger.info(format_line(rec))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            last = step + 1 == t.steps
+            if t.eval_every_steps and (step + 1) % t.eval_every_steps == 0 and not last:
+                self.metrics.write({"step": step + 1, **self.evaluate(prefix="eval_")})
+            if t.checkpoint_every_steps and (step + 1) % t.checkpoint_every_steps == 0 and not last:
+                self.save_checkpoint(step + 1)
+        if bar is not None:
+            bar.close()
+        self.engine.flush()
+        ev = self.evaluate(prefix="eval_") if self.eval_examples else None
+        if ev:
+            self.metrics.write({"step": t.steps, **ev})
+        final = self.output_dir / "final"
+        self._save(final, t.steps)
+        return TrainResult(final, t.steps, losses, ev)
+
+    def _log_step(self, step: int, grads: list[float], lr: float) -> None:
+        if self.mesh.is_main:
+            with open(self.output_dir / ZO_LOG, "a") as f:
+                f.write(json.dumps({"step": step, "seed": self.cfg.train.seed, "grads": grads, "lr": lr}) + "\n")
+
+    # ------------------------------------------------------ eval, checkpoint
+    def evaluate(self, *, prefix: str = "") -> dict:
+        """Loss and accuracy on the eval set with the current (flushed) weights."""
+        self.engine.flush()
+        if not self.eval_examples:
+            return {}
+        n = self.cfg.data.eval_samples
+        examples = self.eval_examples[:n] if n else self.eval_examples
+        mb = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+        total_loss = total_correct = count = 0.0
+        for chunk in eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data):
+            batch = pad_positions([collate(chunk, pad_id=self.pad_id)])[0]
+            out = {}
+
+            def head(logits: torch.Tensor) -> None:
+                b = batch.to(self.engine.device)
+                out["loss"] = loss_per_sample(logits, b)
+                out["correct"] = correct_per_sample(logits, b)
+
+            dev = self.engine.device
+            self.engine.run(-1, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.loss_positions.to(dev),
+                            [(0, 0)], batch.batch_size, head, dirty=False, num_micro=1)
+            total_loss += float(out["loss"].sum())
+            total_correct += float(out["correct"].sum())
+            count += batch.batch_size
+        totals = torch.tensor([total_loss, total_correct, count], dtype=torch.float64)
+        all_reduce_sum_(totals, self.mesh)
+        res = {f"{prefix}loss": totals[0].item() / totals[2].item(),
+               f"{prefix}accuracy": totals[1].item() / totals[2].item(), f"{prefix}samples": int(totals[2])}
+        if self.mesh.is_main:
+            logger.info("eval: loss %.4f accuracy %.4f on %d samples", res[f"{prefix}loss"],
+                        res[f"{prefix}accuracy"], res[f"{prefix}samples"])
+        return res
+
+    def save_checkpoint(self, step: int) -> Path:
+        dest = checkpoint_dir(self.output_dir, step)
+        self._save(dest, step)
+        if self.mesh.is_main:
+            prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
+        return dest
+
+    def _save(self, dest: Path, step: int) -> None:
+        self.engine.flush()
+        if not self.mesh.is_main:
+            return
+        rt = self.rt
+
+        def extra(tmp: Path) -> None:
+            if self.state_streamer is not None:
+                from safetensors.torch import save_file
+                tensors = {}
+                for b, spec in rt.layout.blocks.items():
+                    flat = torch.empty(spec.numel, dtype=torch.float32)
+                    self.state_streamer.read_master(b, flat)
+                    for p in spec.params:
+                        tensors[p.name] = flat[p.offset:p.offset + p.numel].view(p.shape).clone()
+                save_file(tensors, str(tmp / "zo_momentum.safetensors"))
+
+        state = {"method": "zo", "step": step, "seed": self.cfg.train.seed, "world_size": self.mesh.world_size}
+        save_model_folder(dest, rt.layout, model_path=Path(self.cfg.model.path), store_dtype=rt.store_dtype,
+                          read_block=rt.streamer.read_master, state=state, extra=extra)
+        logger.info("saved %s", dest)
+
+    def close(self) -> None:
+        self.rt.streamer.close()
+        if self.state_streamer is not None:
+            self.state_streamer.close()
+        self.engine.interceptor.uninstall()
+
+
+def _progress(total: int, start: int, *, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="zo", unit="step", dynamic_ncols=True, leave=True)

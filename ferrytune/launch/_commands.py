@@ -1,0 +1,66 @@
+"""What the CLI subcommands do (kept apart from argument parsing)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ferrytune.config import config_from_dict, load_config
+
+logger = logging.getLogger(__name__)
+
+
+def load_or_demo(args) -> object:
+    if args.config:
+        return load_config(args.config, args.overrides)
+    from ferrytune.launch._demo import DEMO_OUTPUT, build_tiny_model, demo_config_dict
+
+    build_tiny_model(Path(DEMO_OUTPUT) / "model")
+    d = demo_config_dict()
+    cfg = config_from_dict(d, source="<embedded demo>")
+    if args.overrides:
+        import tempfile
+
+        import yaml
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(d, f)
+        cfg = load_config(f.name, args.overrides)
+    logger.info("no config given: running the embedded demo (tiny LLaMA, rt-polarity sample) into %s",
+                cfg.output_dir)
+    return cfg
+
+
+def train_command(args) -> int:
+    cfg = load_or_demo(args)
+    if getattr(args, "ray", False):
+        from ferrytune.parallel._ray import run_on_ray
+
+        return run_on_ray(cfg, address=args.address)
+    from ferrytune.launch.train import run
+
+    result = run(cfg, progress=not args.no_progress)
+    if result is not None:
+        print(f"final model: {result.final_dir}")
+    return 0
+
+
+def eval_command(args) -> int:
+    from ferrytune.launch.train import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    res = run_eval(cfg, checkpoint=args.checkpoint)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    return 0
+
+
+def plan_command(args) -> int:
+    from ferrytune.engine._runtime import build_runtime
+
+    cfg = load_config(args.config, args.overrides)
+    rt = build_runtime(cfg)
+    layout = rt.layout
+    n = sum(p.numel for p in layout.params)
+    print(f"model: {cfg.model.path}  params: {n / 1e6:.1f}M  blocks: {len(layout.blocks)} "
+          f"(outer + {len(layout.layer_blocks)} layers)  store {rt.store_dtype}  compute {rt.compute_dtype}")
+    print(rt.plan.describe())
+    return 0

@@ -1,0 +1,77 @@
+"""Training entry point for one process or a torchrun launch.
+
+    ferrytune train CONFIG.yaml
+    torchrun --nproc-per-node 2 -m ferrytune.launch.train CONFIG.yaml [--set parallel.data=2]
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m ferrytune.launch.train CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ferrytune.errors import FerrytuneError
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg, *, progress: bool = True):
+    """Train according to ``cfg`` in this process (one rank of the mesh in the environment)."""
+    from ferrytune.engine._runtime import check_device
+    from ferrytune.parallel._mesh import init_mesh, shutdown
+
+    check_device(cfg)
+    mesh = init_mesh(cfg.parallel, device=cfg.device)
+    try:
+        if cfg.method == "zo":
+            from ferrytune.engine._zo_trainer import ZOTrainer as Trainer
+        else:
+            from ferrytune.engine._lora_trainer import LoraTrainer as Trainer
+        trainer = Trainer(cfg, mesh=mesh)
+        trainer.setup()
+        try:
+            return trainer.train(progress=progress)
+        finally:
+            trainer.close()
+    finally:
+        shutdown(mesh)
+
+
+def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
+    from ferrytune.engine._zo_trainer import ZOTrainer
+
+    if checkpoint:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
+    cfg = cfg.model_copy(update={"resume": "never"})
+    trainer = ZOTrainer(cfg)
+    trainer.setup()
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ferrytune.config import load_config
+    from ferrytune.launch.cli import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m ferrytune.launch.train")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        run(load_config(args.config, args.overrides), progress=False)
+    except FerrytuneError as e:
+        if args.debug:
+            raise
+        print(f"ferrytune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

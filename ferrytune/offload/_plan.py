@@ -1,0 +1,146 @@
+"""The planner: from block sizes and budgets, decide where each block lives.
+
+A pure function (no IO, no allocation), so it is unit-testable and
+``ferrytune plan`` can print it without touching the model. The working set is
+what must be in memory at once whatever the model size:
+
+* device: the ``outer`` block (embeddings, final norm, head: used at both ends of
+  a step, so held for the whole step) plus a ring of ``prefetch_depth + 2`` layer
+  buffers (the one computing, the ones prefetched, the one being written back);
+* host: with the NVMe tier, staging buffers of the same count for the bytes in
+  flight between disk and device.
+
+Blocks are placed on the device while its budget has room beyond the working
+set (only when a device budget is given; without one, ``host``/``nvme`` stream
+every layer), and the rest go to ``offload.tier``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ferrytune.errors import PlanError
+
+GIB = 1024**3
+_PAGE = 4096
+
+
+class Tier(str, enum.Enum):
+    DEVICE = "device"
+    HOST = "host"
+    NVME = "nvme"
+
+
+@dataclass(frozen=True)
+class BlockSize:
+    store_bytes: int  # the master copy (store dtype)
+    compute_bytes: int  # the working copy on the device (compute dtype)
+
+
+@dataclass
+class Plan:
+    tier: str  # offload.tier as configured
+    home: dict[str, Tier]
+    prefetch_depth: int
+    ring_size: int  # layer working buffers on the device
+    ring_buffer_bytes: int
+    outer_block: str
+    zero_copy: bool  # CPU device and store dtype == compute dtype: work in the staging/master bytes
+    device_bytes: int
+    host_bytes: int
+    staging_buffers: int
+    staging_buffer_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, tier: Tier) -> int:
+        return sum(1 for t in self.home.values() if t == tier)
+
+    def describe(self) -> str:
+        lines = [
+            f"offload.tier={self.tier}  blocks: device={self.count(Tier.DEVICE)} "
+            f"host={self.count(Tier.HOST)} nvme={self.count(Tier.NVME)}",
+            f"prefetch_depth={self.prefetch_depth}  device ring={self.ring_size} x "
+            f"{self.ring_buffer_bytes / 2**20:.1f} MiB  zero_copy={self.zero_copy}",
+            f"host staging={self.staging_buffers} x {self.staging_buffer_bytes / 2**20:.1f} MiB",
+            f"estimated device memory {self.device_bytes / GIB:.3f} GiB, host memory {self.host_bytes / GIB:.3f} GiB "
+            "(parameters and buffers; activations not included)",
+        ]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _page(n: int) -> int:
+    return -(-n // _PAGE) * _PAGE
+
+
+def make_plan(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, prefetch_depth: int,
+              device_budget_bytes: int | None, host_budget_bytes: int | None, zero_copy: bool) -> Plan:
+    """Place blocks; raise PlanError naming the budget that cannot hold the working set."""
+    if prefetch_depth < 1:
+        raise PlanError(f"offload.prefetch_depth must be >= 1 (got {prefetch_depth})")
+    layers = [b for b in blocks if b != outer_block]
+    outer = blocks[outer_block]
+    max_layer = max((blocks[b] for b in layers), key=lambda s: s.compute_bytes)
+    ring = prefetch_depth + 2
+    home: dict[str, Tier] = {}
+    notes: list[str] = []
+
+    if tier == "resident":
+        home = {b: Tier.DEVICE for b in blocks}
+        # Resident masters in store dtype; a working copy only when the dtypes differ.
+        device = sum(s.store_bytes for s in blocks.values())
+        if not zero_copy:
+            device += outer.compute_bytes + ring * max_layer.compute_bytes
+        if device_budget_bytes is not None and device > device_budget_bytes:
+            raise PlanError(
+                f"offload.device_budget_gib={device_budget_bytes / GIB:.2f} cannot hold the resident model: "
+                f"needs {device / GIB:.2f} GiB; raise it or set offload.tier to host or nvme")
+        return Plan(tier, home, prefetch_depth, 0 if zero_copy else ring, max_layer.compute_bytes, outer_block,
+                    zero_copy, device, 0, 0, 0, notes)
+
+    if tier not in ("host", "nvme"):
+        raise PlanError(f"offload.tier must be resident, host or nvme (got {tier!r})")
+    # Working set on the device: outer + ring. With zero copy (CPU, equal dtypes) the
+    # NVMe staging buffers are the working buffers and live in host memory instead.
+    nvme_zero_copy = zero_copy and tier == "nvme"
+    working = 0 if nvme_zero_copy else outer.compute_bytes + ring * max_layer.compute_bytes
+    device = working
+    if device_budget_bytes is not None:
+        if working > device_budget_bytes:
+            raise PlanError(
+                f"offload.device_budget_gib={device_budget_bytes / GIB:.2f} cannot hold one step's working set: "
+                f"needs {working / GIB:.3f} GiB (outer block {outer.compute_bytes / 2**20:.1f} MiB + {ring} layer "
+                f"buffers of {max_layer.compute_bytes / 2**20:.1f} MiB); raise it or lower offload.prefetch_depth")
+        room = device_budget_bytes - working
+        for b in layers:  # earliest layers first: they are needed first each step
+            if blocks[b].store_bytes <= room:
+                home[b] = Tier.DEVICE
+                room -= blocks[b].store_bytes
+                device += blocks[b].store_bytes
+    rest = [b for b in blocks if b not in home]
+    host = 0
+    staging_n = staging_bytes = 0
+    if tier == "host":
+        for b in rest:
+            home[b] = Tier.HOST
+            host += _page(blocks[b].store_bytes)
+        if host_budget_bytes is not None and host > host_budget_bytes:
+            raise PlanError(
+                f"offload.host_budget_gib={host_budget_bytes / GIB:.2f} cannot hold the {len(rest)} host blocks: "
+                f"needs {host / GIB:.2f} GiB; raise it or set offload.tier: nvme")
+    else:
+        for b in rest:
+            home[b] = Tier.NVME
+        staging_n = ring
+        staging_bytes = _page(max_layer.store_bytes if not nvme_zero_copy else max_layer.compute_bytes)
+        outer_staging = _page(outer.store_bytes if not nvme_zero_copy else outer.compute_bytes)
+        host = staging_n * staging_bytes + outer_staging
+        if host_budget_bytes is not None and host > host_budget_bytes:
+            raise PlanError(
+                f"offload.host_budget_gib={host_budget_bytes / GIB:.3f} cannot hold the NVMe staging buffers: "
+                f"needs {host / GIB:.3f} GiB ({staging_n} x {staging_bytes / 2**20:.1f} MiB + outer "
+                f"{outer_staging / 2**20:.1f} MiB); raise it or lower offload.prefetch_depth")
+        if nvme_zero_copy:
+            notes.append("CPU device with equal store and compute dtypes: layers compute in the staging buffers")
+    return Plan(tier, home, prefetch_depth, 0 if nvme_zero_copy else ring, max_layer.compute_bytes, outer_block,
+                zero_copy, device, host, staging_n, staging_bytes, notes)

@@ -1,0 +1,422 @@
+"""The block streamer: ferry blocks to the device in visiting order, overlapped with compute.
+
+One class owns the buffers, the background threads and (on CUDA) the copy
+stream and its events. A *pass* is a visiting order of block ids (a ZO step:
+``outer, layer.0 .. layer.N-1``; a LoRA step: forward then the layers again in
+reverse). The compute thread calls ``acquire(b)`` / ``release(b, dirty=)`` in
+that order; the streamer keeps ``prefetch_depth`` blocks in flight ahead of it
+and writes dirty blocks back behind it.
+
+Each device *slot* moves through an explicit state machine::
+
+    FREE -> LOADING -> READY -> IN_USE -> (WRITING ->) FREE
+
+and every wait of the compute thread is timed and counted (``stall_s``), so a
+step that is IO bound shows it in the metrics.
+
+Block homes (decided by the planner): ``DEVICE`` masters are device tensors in
+the store dtype; ``HOST`` masters live in one page-aligned host allocation;
+``NVME`` masters are O_DIRECT records read into page-aligned staging buffers.
+A clean block that is still in a free slot is reused without IO (the turn of a
+LoRA step: the last layers of the forward are the first of the backward).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ferrytune.errors import FerrytuneError
+from ferrytune.offload._io import ThreadedDirectIO, aligned_buffer, as_uint8_tensor
+from ferrytune.offload._plan import Plan, Tier
+from ferrytune.offload._pool import BufferState, HostBufferPool
+from ferrytune.offload._store import NvmeBlockStore
+
+logger = logging.getLogger(__name__)
+
+
+class SlotState(enum.Enum):
+    FREE = "free"
+    LOADING = "loading"
+    READY = "ready"
+    IN_USE = "in_use"
+    WRITING = "writing"
+
+
+@dataclass
+class StreamStats:
+    """Counters of one streamer; ``snapshot()`` deltas give per-step figures."""
+
+    bytes_read: dict[str, int] = field(default_factory=lambda: {t.value: 0 for t in Tier})
+    bytes_written: dict[str, int] = field(default_factory=lambda: {t.value: 0 for t in Tier})
+    read_s: float = 0.0
+    write_s: float = 0.0
+    stall_s: float = 0.0
+    num_stalls: int = 0
+    num_loads: int = 0
+    cache_hits: int = 0
+
+    def snapshot(self) -> dict:
+        return {"bytes_read": dict(self.bytes_read), "bytes_written": dict(self.bytes_written),
+                "read_s": self.read_s, "write_s": self.write_s, "stall_s": self.stall_s,
+                "num_stalls": self.num_stalls, "num_loads": self.num_loads, "cache_hits": self.cache_hits}
+
+
+@dataclass
+class _Slot:
+    index: int
+    working: torch.Tensor  # flat, compute dtype, on the device
+    staging: object | None  # HostBuffer for NVMe reads/writes (None when zero-copy or not NVMe)
+    state: SlotState = SlotState.FREE
+    holds: str | None = None  # block whose clean contents the slot still has
+    ready: Future | None = None
+    written: Future | None = None
+
+
+class BlockStreamer:
+    """Owns the homes of all blocks and ferries them through device slots."""
+
+    def __init__(self, plan: Plan, block_numel: dict[str, int], *, device: torch.device,
+                 compute_dtype: torch.dtype, store_dtype: torch.dtype, nvme_dir: str | None = None,
+                 io_threads: int = 8, verify_checksums: bool = True) -> None:
+        self.plan = plan
+        self.numel = dict(block_numel)
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.store_dtype = store_dtype
+        self.nvme_dir = Path(nvme_dir) if nvme_dir else None
+        self.io_threads = io_threads
+        self.verify = verify_checksums
+        self.stats = StreamStats()
+        self._opened = False
+
+    # ------------------------------------------------------------------ setup
+    def open(self, init: Callable[[str, torch.Tensor], None], *, reuse_store: bool = False) -> None:
+        """Allocate every buffer once and fill each block's home via ``init(block_id, flat_store_tensor)``.
+
+        ``init`` writes the block's parameters into a flat CPU tensor of the
+        store dtype; blocks are initialised one at a time, so host memory never
+        holds more than one block beyond the homes themselves.
+        """
+        plan, dev = self.plan, self.device
+        self._cuda = dev.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(dev) if self._cuda else None
+        self._masters: dict[str, torch.Tensor] = {}
+        nvme_blocks = [b for b, t in plan.home.items() if t == Tier.NVME]
+        host_blocks = [b for b, t in plan.home.items() if t == Tier.HOST]
+        # HOST homes: one page-aligned allocation, carved into blocks (allocated once).
+        if host_blocks:
+            esize = _esize(self.store_dtype)
+            offsets, total = {}, 0
+            for b in host_blocks:
+                offsets[b] = total
+                total += -(-self.numel[b] * esize // 4096) * 4096
+            self._host_mem = aligned_buffer(total)
+            raw = as_uint8_tensor(self._host_mem)
+            if self._cuda:
+                _try_pin(raw)
+            for b in host_blocks:
+                n = self.numel[b] * esize
+                self._masters[b] = raw[offsets[b]:offsets[b] + n].view(self.store_dtype)
+        # NVMe staging: ring + one for the outer block, page-aligned, allocated once.
+        self._io = None
+        self._store = None
+        if nvme_blocks:
+            if self.nvme_dir is None:
+                raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
+            self._io = ThreadedDirectIO(num_threads=self.io_threads)
+            records = {b: self.numel[b] * _esize(self.store_dtype) for b in nvme_blocks}
+            if reuse_store and (self.nvme_dir / "store.json").exists():
+                self._store = NvmeBlockStore.open(self.nvme_dir, backend=self._io, verify=self.verify)
+            else:
+                self._store = NvmeBlockStore.create(self.nvme_dir, records, backend=self._io, verify=self.verify)
+        self._build_slots()
+        scratch = torch.empty(max(self.numel.values()), dtype=self.store_dtype)
+        for b, tier in plan.home.items():
+            if reuse_store and tier == Tier.NVME:
+                continue
+            flat = scratch[: self.numel[b]]
+            flat.zero_()
+            init(b, flat)
+            if tier == Tier.DEVICE:
+                self._masters[b] = flat.to(dev, copy=True)
+            elif tier == Tier.HOST:
+                self._masters[b].copy_(flat)
+            else:
+                self._write_record(b, flat)
+        del scratch
+        self._ferry = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-load")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
+        self._lock = threading.Lock()
+        self._pending_write: dict[str, Future] = {}
+        self._opened = True
+        self._order: list[str] = []
+        self._pos = 0
+
+    def _build_slots(self) -> None:
+        plan = self.plan
+        layer_numel = max(n for b, n in self.numel.items() if b != plan.outer_block)
+        outer_numel = self.numel[plan.outer_block]
+        nvme = any(t == Tier.NVME for t in plan.home.values())
+        zero_copy_nvme = plan.zero_copy and nvme
+        self._pool = None
+        ring = max(plan.ring_size, plan.staging_buffers, 1) if plan.tier != "resident" or not plan.zero_copy else 0
+        esize = _esize(self.compute_dtype if zero_copy_nvme else self.store_dtype)
+        if nvme:
+            self._pool = HostBufferPool(ring, layer_numel * esize, pin=self._cuda)
+            self._outer_pool = HostBufferPool(1, outer_numel * esize, pin=self._cuda)
+        self._slots: list[_Slot] = []
+        self._outer_slot: _Slot | None = None
+        needs_working = not (plan.zero_copy and plan.tier == "resident")
+        if not needs_working:
+            return
+        for i in range(ring):
+            self._slots.append(self._make_slot(i, layer_numel, self._pool if nvme else None, zero_copy_nvme))
+        self._outer_slot = self._make_slot(-1, outer_numel, self._outer_pool if nvme else None, zero_copy_nvme)
+
+    def _make_slot(self, index: int, numel: int, pool: HostBufferPool | None, zero_copy: bool) -> _Slot:
+        staging = None
+        if pool is not None:
+            staging = pool.acquire()  # slots own their staging buffer for the streamer's life
+        if zero_copy and staging is not None:
+            working = staging.tensor(self.compute_dtype, numel)
+        else:
+            working = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
+        return _Slot(index, working, staging)
+
+    # ------------------------------------------------------------------ passes
+    def start_pass(self, order: list[str]) -> None:
+        """Declare the visiting order of the next pass and start prefetching."""
+        assert self._opened, "BlockStreamer.open() first"
+        self._order = list(order)
+        self._pos = 0
+        self._futures: dict[int, tuple[_Slot | None, Future | None]] = {}
+        self._submitted = 0
+        self._kick()
+
+    def _kick(self) -> None:
+        limit = self._pos + 1 + self.plan.prefetch_depth
+        while self._submitted < min(limit, len(self._order)):
+            i = self._submitted
+            b = self._order[i]
+            if b == self.plan.outer_block and i > 0 and self._order[0] == b:
+                pass  # outer is acquired once per pass
+            self._futures[i] = self._submit_load(b)
+            self._submitted += 1
+
+    def _zero_copy_device(self, b: str) -> bool:
+        return self.plan.home[b] == Tier.DEVICE and self.store_dtype == self.compute_dtype
+
+    def _submit_load(self, b: str) -> tuple[_Slot | None, Future | None]:
+        if self._zero_copy_device(b):
+            return None, None
+        slot = self._outer_slot if b == self.plan.outer_block else self._take_slot(b)
+        if slot.state == SlotState.FREE and slot.holds == b and slot.written is None:
+            slot.state = SlotState.READY
+            self.stats.cache_hits += 1
+            return slot, None
+        slot.state = SlotState.LOADING
+        slot.holds = None
+        wait_for = [f for f in (slot.written, self._pending_write.get(b)) if f is not None]
+        return slot, self._ferry.submit(self._load, b, slot, wait_for)
+
+    def _take_slot(self, b: str) -> _Slot:
+        # Prefer a free slot that still holds b (clean), else the least recently used free one.
+        free = [s for s in self._slots if s.state == SlotState.FREE]
+        for s in free:
+            if s.holds == b and s.written is None:
+                return s
+        if not free:
+            raise RuntimeError("no free slot: prefetch_depth exceeds the planned ring")
+        free.sort(key=lambda s: getattr(s, "_last_use", 0.0))
+        return free[0]
+
+    def _load(self, b: str, slot: _Slot, wait_for: list[Future]) -> None:
+        for f in wait_for:
+            f.result()
+        t0 = time.perf_counter()
+        tier = self.plan.home[b]
+        n = self.numel[b]
+        work = slot.working[:n]
+        if tier == Tier.NVME:
+            nbytes = n * _esize(self.store_dtype)
+            if self.plan.zero_copy:
+                self._store.read(b, slot.staging)
+            else:
+                self._store.read(b, slot.staging)
+                self._h2d(slot.staging.tensor(self.store_dtype, n), work)
+            self.stats.bytes_read[Tier.NVME.value] += nbytes
+        elif tier == Tier.HOST:
+            self._h2d(self._masters[b], work)
+            self.stats.bytes_read[Tier.HOST.value] += n * _esize(self.store_dtype)
+        else:
+            work.copy_(self._masters[b])
+            self.stats.bytes_read[Tier.DEVICE.value] += n * _esize(self.store_dtype)
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(self._copy_stream)
+            slot.event = ev
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.num_loads += 1
+
+    def _h2d(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                dst.copy_(src, non_blocking=True)
+        else:
+            dst.copy_(src)
+
+    def acquire(self, b: str) -> torch.Tensor:
+        """Wait for block ``b`` (the next in the pass order) and return its flat working tensor."""
+        if self._pos >= len(self._order) or self._order[self._pos] != b:
+            expected = self._order[self._pos] if self._pos < len(self._order) else "<end of pass>"
+            raise RuntimeError(f"streamer: acquire({b}) out of order, expected {expected}")
+        slot, fut = self._futures.pop(self._pos)
+        self._pos += 1
+        self._kick()
+        if slot is None:
+            self._current_none = b
+            return self._masters[b]
+        if fut is not None and not fut.done():
+            t0 = time.perf_counter()
+            fut.result()
+            self.stats.stall_s += time.perf_counter() - t0
+            self.stats.num_stalls += 1
+        elif fut is not None:
+            fut.result()
+        if self._cuda and getattr(slot, "event", None) is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.event)
+        slot.state = SlotState.IN_USE
+        slot.holds = b
+        self._in_use = getattr(self, "_in_use", {})
+        self._in_use[b] = slot
+        return slot.working[: self.numel[b]]
+
+    def release(self, b: str, *, dirty: bool) -> None:
+        """Hand block ``b`` back; a dirty block is written to its home in the background."""
+        slot = getattr(self, "_in_use", {}).pop(b, None)
+        if slot is None:  # zero-copy device master: updated in place
+            if self._cuda and dirty:
+                pass
+            return
+        slot._last_use = time.perf_counter()
+        if not dirty:
+            slot.state = SlotState.FREE
+            return
+        slot.state = SlotState.WRITING
+        slot.holds = None  # its fp32 contents differ from the rounded master: never reuse them
+        ev = None
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+        fut = self._writer.submit(self._write_back, b, slot, ev)
+        slot.written = fut
+        self._pending_write[b] = fut
+
+        def done(_f: Future, slot: _Slot = slot, b: str = b) -> None:
+            with self._lock:
+                if slot.written is _f:
+                    slot.written = None
+                    slot.state = SlotState.FREE
+                if self._pending_write.get(b) is _f:
+                    del self._pending_write[b]
+
+        fut.add_done_callback(done)
+
+    def _write_back(self, b: str, slot: _Slot, ev) -> None:
+        t0 = time.perf_counter()
+        tier = self.plan.home[b]
+        n = self.numel[b]
+        work = slot.working[:n]
+        if self._cuda:
+            self._copy_stream.wait_event(ev)
+        if tier == Tier.NVME:
+            if not self.plan.zero_copy:
+                with torch.cuda.stream(self._copy_stream) if self._cuda else _nullctx():
+                    slot.staging.tensor(self.store_dtype, n).copy_(work, non_blocking=self._cuda)
+                if self._cuda:
+                    self._copy_stream.synchronize()
+            self._store.write(b, slot.staging, n * _esize(self.store_dtype))
+        else:
+            with torch.cuda.stream(self._copy_stream) if self._cuda else _nullctx():
+                self._masters[b].copy_(work, non_blocking=self._cuda)
+            if self._cuda:
+                self._copy_stream.synchronize()
+        self.stats.bytes_written[tier.value] += n * _esize(self.store_dtype)
+        self.stats.write_s += time.perf_counter() - t0
+
+    def finish_pass(self) -> None:
+        """Wait for every write of the pass (errors surface here)."""
+        for f in list(self._pending_write.values()):
+            f.result()
+        for s in self._slots + ([self._outer_slot] if self._outer_slot else []):
+            if s.written is not None:
+                s.written.result()
+        for i, (slot, fut) in list(self._futures.items()):  # prefetched beyond a shortened pass
+            if fut is not None:
+                fut.result()
+            if slot is not None:
+                slot.state = SlotState.FREE
+        self._futures.clear()
+
+    # ---------------------------------------------------------------- helpers
+    def _write_record(self, b: str, flat: torch.Tensor) -> None:
+        buf = self._outer_slot.staging if b == self.plan.outer_block else self._slots[0].staging
+        n = flat.numel()
+        buf.tensor(self.store_dtype, n).copy_(flat)
+        self._store.write(b, buf, n * _esize(self.store_dtype))
+        self.stats.bytes_written[Tier.NVME.value] += n * _esize(self.store_dtype)
+
+    def read_master(self, b: str, out: torch.Tensor) -> None:
+        """Copy block ``b``'s master (store dtype) into CPU tensor ``out``; only between passes."""
+        tier = self.plan.home[b]
+        if tier == Tier.NVME:
+            buf = self._outer_slot.staging if b == self.plan.outer_block else self._slots[0].staging
+            self._store.read(b, buf)
+            out.copy_(buf.tensor(self.store_dtype, self.numel[b]))
+        else:
+            out.copy_(self._masters[b])
+
+    def host_bytes(self) -> int:
+        n = getattr(self, "_host_mem", None)
+        total = len(n) if n is not None else 0
+        if self._pool is not None:
+            total += self._pool.total_bytes + self._outer_pool.total_bytes
+        return total
+
+    def close(self) -> None:
+        if not self._opened:
+            return
+        self.finish_pass()
+        self._ferry.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        if self._io is not None:
+            self._io.close()
+        self._opened = False
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _try_pin(t: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    except Exception as e:  # pinning is an optimisation: never abort for it
+        logger.warning("could not pin %d MiB of host memory (%s); transfers stay pageable", t.numel() >> 20, e)

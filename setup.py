@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ferrytune",
+    version="0.1.0",
+    description="Fine-tune language models larger than the accelerator: block streaming over device, host and NVMe",
+    packages=find_packages(include=["ferrytune", "ferrytune.*"]),
+    package_data={"ferrytune.data": ["demo/*.jsonl"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors",
+        "tokenizers",
+        "pyyaml",
+        "pydantic>=2",
+        "tqdm",
+        "numpy",
+        "numba>=0.60",
+    ],
+    extras_require={
+        "lora": ["peft>=0.13"],
+        "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib"],
+        "gpu": ["nvidia-ml-py", "triton"],
+        "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
+                 "matplotlib"],
+    },
+    entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
+)
