@@ -124,7 +124,7 @@ def build_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     config.use_cache = False
     with _meta_params():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     model.eval()  # ZO runs without dropout; LoRA dropout lives in the adapters
     model.requires_grad_(False)
     return model, config

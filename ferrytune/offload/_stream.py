@@ -76,9 +76,12 @@ class _Slot:
     working: torch.Tensor  # flat, compute dtype, on the device
     staging: object | None  # HostBuffer for NVMe reads/writes (None when zero-copy or not NVMe)
     state: SlotState = SlotState.FREE
-    holds: str | None = None  # block whose clean contents the slot still has
-    ready: Future | None = None
-    written: Future | None = None
+    holds: str | None = None  # block whose clean contents the slot has (or is loading)
+    refs: int = 0  # acquisitions of the current pass that share the slot (LoRA's forward/backward turn)
+    last_use: float = 0.0
+    ready: Future | None = None  # the load in flight
+    written: Future | None = None  # the write-back in flight
+    event: object | None = None  # CUDA: the copy stream's event for the load
 
 
 class BlockStreamer:
@@ -157,6 +160,7 @@ class BlockStreamer:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
         self._lock = threading.Lock()
         self._pending_write: dict[str, Future] = {}
+        self._in_use: dict[str, list[_Slot]] = {}
         self._opened = True
         self._order: list[str] = []
         self._pos = 0
@@ -203,13 +207,9 @@ class BlockStreamer:
         self._kick()
 
     def _kick(self) -> None:
-        limit = self._pos + 1 + self.plan.prefetch_depth
-        while self._submitted < min(limit, len(self._order)):
-            i = self._submitted
-            b = self._order[i]
-            if b == self.plan.outer_block and i > 0 and self._order[0] == b:
-                pass  # outer is acquired once per pass
-            self._futures[i] = self._submit_load(b)
+        limit = min(self._pos + 1 + self.plan.prefetch_depth, len(self._order))
+        while self._submitted < limit:
+            self._futures[self._submitted] = self._submit_load(self._order[self._submitted])
             self._submitted += 1
 
     def _zero_copy_device(self, b: str) -> bool:
@@ -218,26 +218,42 @@ class BlockStreamer:
     def _submit_load(self, b: str) -> tuple[_Slot | None, Future | None]:
         if self._zero_copy_device(b):
             return None, None
-        slot = self._outer_slot if b == self.plan.outer_block else self._take_slot(b)
-        if slot.state == SlotState.FREE and slot.holds == b and slot.written is None:
-            slot.state = SlotState.READY
-            self.stats.cache_hits += 1
-            return slot, None
-        slot.state = SlotState.LOADING
-        slot.holds = None
-        wait_for = [f for f in (slot.written, self._pending_write.get(b)) if f is not None]
-        return slot, self._ferry.submit(self._load, b, slot, wait_for)
+        with self._lock:
+            # A slot that holds b's clean contents (loaded, in use, or free) serves again without IO.
+            for s in self._all_slots():
+                if s.holds == b and s.written is None and s.state in (SlotState.FREE, SlotState.LOADING,
+                                                                        SlotState.READY, SlotState.IN_USE):
+                    if s.state == SlotState.FREE:
+                        s.state = SlotState.READY
+                    s.refs += 1
+                    self.stats.cache_hits += 1
+                    return s, s.ready
+        slot = self._outer_slot if b == self.plan.outer_block else self._take_slot()
+        with self._lock:
+            slot.state = SlotState.LOADING
+            slot.holds = b
+            slot.refs = 1
+            wait_for = [f for f in (slot.written, self._pending_write.get(b)) if f is not None]
+            slot.ready = self._ferry.submit(self._load, b, slot, wait_for)
+            return slot, slot.ready
 
-    def _take_slot(self, b: str) -> _Slot:
-        # Prefer a free slot that still holds b (clean), else the least recently used free one.
-        free = [s for s in self._slots if s.state == SlotState.FREE]
-        for s in free:
-            if s.holds == b and s.written is None:
-                return s
-        if not free:
-            raise RuntimeError("no free slot: prefetch_depth exceeds the planned ring")
-        free.sort(key=lambda s: getattr(s, "_last_use", 0.0))
-        return free[0]
+    def _all_slots(self) -> list[_Slot]:
+        return self._slots + ([self._outer_slot] if self._outer_slot is not None else [])
+
+    def _take_slot(self) -> _Slot:
+        """The least recently used free slot; waits (counted as a stall) while all are busy writing."""
+        while True:
+            with self._lock:
+                free = [s for s in self._slots if s.state == SlotState.FREE and s.refs == 0]
+                if free:
+                    return min(free, key=lambda s: s.last_use)
+                writing = [s.written for s in self._slots if s.written is not None]
+            if not writing:
+                raise RuntimeError("streamer: no free slot (prefetch_depth exceeds the planned ring)")
+            t0 = time.perf_counter()
+            writing[0].result()
+            self.stats.stall_s += time.perf_counter() - t0
+            self.stats.num_stalls += 1
 
     def _load(self, b: str, slot: _Slot, wait_for: list[Future]) -> None:
         for f in wait_for:
@@ -261,9 +277,8 @@ class BlockStreamer:
             work.copy_(self._masters[b])
             self.stats.bytes_read[Tier.DEVICE.value] += n * _esize(self.store_dtype)
         if self._cuda:
-            ev = torch.cuda.Event()
-            ev.record(self._copy_stream)
-            slot.event = ev
+            slot.event = torch.cuda.Event()
+            slot.event.record(self._copy_stream)
         self.stats.read_s += time.perf_counter() - t0
         self.stats.num_loads += 1
 
@@ -283,53 +298,55 @@ class BlockStreamer:
         self._pos += 1
         self._kick()
         if slot is None:
-            self._current_none = b
             return self._masters[b]
-        if fut is not None and not fut.done():
-            t0 = time.perf_counter()
-            fut.result()
-            self.stats.stall_s += time.perf_counter() - t0
-            self.stats.num_stalls += 1
-        elif fut is not None:
-            fut.result()
-        if self._cuda and getattr(slot, "event", None) is not None:
+        if fut is not None:
+            if not fut.done():
+                t0 = time.perf_counter()
+                fut.result()
+                self.stats.stall_s += time.perf_counter() - t0
+                self.stats.num_stalls += 1
+            fut.result()  # re-raises a failed load (a corrupt record, a short read)
+        if self._cuda and slot.event is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.event)
         slot.state = SlotState.IN_USE
-        slot.holds = b
-        self._in_use = getattr(self, "_in_use", {})
-        self._in_use[b] = slot
+        self._in_use.setdefault(b, []).append(slot)
         return slot.working[: self.numel[b]]
 
     def release(self, b: str, *, dirty: bool) -> None:
         """Hand block ``b`` back; a dirty block is written to its home in the background."""
-        slot = getattr(self, "_in_use", {}).pop(b, None)
-        if slot is None:  # zero-copy device master: updated in place
-            if self._cuda and dirty:
-                pass
+        slots = self._in_use.get(b)
+        if not slots:  # zero-copy device master: updated in place
             return
-        slot._last_use = time.perf_counter()
-        if not dirty:
-            slot.state = SlotState.FREE
-            return
-        slot.state = SlotState.WRITING
-        slot.holds = None  # its fp32 contents differ from the rounded master: never reuse them
+        slot = slots.pop()
+        if not slots:
+            del self._in_use[b]
+        slot.last_use = time.perf_counter()
+        with self._lock:
+            slot.refs -= 1
+            if not dirty:
+                if slot.refs == 0:
+                    slot.state = SlotState.FREE
+                return
+            assert slot.refs == 0, "a dirty block must not be shared"
+            slot.state = SlotState.WRITING
+            slot.holds = None  # its compute-dtype contents differ from the rounded master: never reuse
         ev = None
         if self._cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
         fut = self._writer.submit(self._write_back, b, slot, ev)
-        slot.written = fut
-        self._pending_write[b] = fut
+        with self._lock:
+            slot.written = fut
+            self._pending_write[b] = fut
+        fut.add_done_callback(lambda f, slot=slot, b=b: self._write_done(f, slot, b))
 
-        def done(_f: Future, slot: _Slot = slot, b: str = b) -> None:
-            with self._lock:
-                if slot.written is _f:
-                    slot.written = None
-                    slot.state = SlotState.FREE
-                if self._pending_write.get(b) is _f:
-                    del self._pending_write[b]
-
-        fut.add_done_callback(done)
+    def _write_done(self, fut: Future, slot: _Slot, b: str) -> None:
+        with self._lock:
+            if slot.written is fut:
+                slot.written = None
+                slot.state = SlotState.FREE
+            if self._pending_write.get(b) is fut:
+                del self._pending_write[b]
 
     def _write_back(self, b: str, slot: _Slot, ev) -> None:
         t0 = time.perf_counter()
@@ -360,12 +377,18 @@ class BlockStreamer:
         for s in self._slots + ([self._outer_slot] if self._outer_slot else []):
             if s.written is not None:
                 s.written.result()
-        for i, (slot, fut) in list(self._futures.items()):  # prefetched beyond a shortened pass
+        for slot, fut in list(self._futures.values()):  # prefetched beyond a shortened pass
             if fut is not None:
                 fut.result()
             if slot is not None:
-                slot.state = SlotState.FREE
+                with self._lock:
+                    slot.refs -= 1
+                    if slot.refs <= 0:
+                        slot.refs = 0
+                        slot.state = SlotState.FREE
         self._futures.clear()
+        if self._in_use:
+            raise RuntimeError(f"streamer: blocks still in use at the end of a pass: {sorted(self._in_use)}")
 
     # ---------------------------------------------------------------- helpers
     def _write_record(self, b: str, flat: torch.Tensor) -> None:

@@ -1,0 +1,235 @@
+"""``method: lora`` — backprop LoRA with the frozen base streamed from the tiers.
+
+Per step: for each of this rank's micro-batches, a streamed forward (blocks in
+order) and a checkpointed backward (blocks in reverse, recomputed); the loss of
+a micro-batch is the sum of its per-sample losses over the *global* batch size,
+so summing gradients over micro-batches and ranks gives the gradient of the
+global mean. Ranks all-reduce the (small) LoRA gradients once per step — the
+data-parallel part of DDP, without bucketing, since only adapters train — then
+clip, and step AdamW with the schedule's learning rate. Every rank ends the step
+with identical adapters.
+
+Checkpoints hold the adapter (PEFT format), the AdamW state and the step; the
+data order is a pure function of the step, so resume is exact with the same or
+a different world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ferrytune.data import Batcher, collate, correct_per_sample, eval_batches, load_examples, load_tokenizer
+from ferrytune.data import loss_per_sample, pad_id_for
+from ferrytune.engine._checkpoint import (_fsync_dir, checkpoint_dir, prune_checkpoints, read_state,
+                                          resolve_resume, write_atomic_json)
+from ferrytune.engine._fo import FOEngine
+from ferrytune.engine._metrics import MetricsWriter, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._runtime import build_runtime, weights_from
+from ferrytune.engine._schedule import lr_at
+from ferrytune.engine._zo_trainer import TrainResult, _progress, pad_positions
+from ferrytune.errors import CheckpointError
+from ferrytune.lora import Adapter, LoraSpec, attach, find_targets, load_peft, save_peft
+from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
+
+logger = logging.getLogger(__name__)
+
+OPTIM_NAME = "optimizer.pt"
+ADAPTER_DIR = "adapter"
+
+
+def lora_spec(cfg) -> LoraSpec:
+    lc = cfg.lora
+    return LoraSpec(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                    rank_pattern=dict(lc.rank_pattern), alpha_pattern=dict(lc.alpha_pattern),
+                    use_rslora=lc.use_rslora)
+
+
+class LoraTrainer:
+    """Owns the runtime, adapter, optimizer and loop of one ``method: lora`` run."""
+
+    def __init__(self, cfg, *, mesh: Mesh = Mesh()) -> None:
+        self.cfg = cfg
+        self.mesh = mesh
+        self.output_dir = Path(cfg.output_dir)
+
+    def setup(self) -> None:
+        cfg, mesh = self.cfg, self.mesh
+        self.ckpt = resolve_resume(self.output_dir, cfg.resume)
+        self.start_step = 0
+        if self.ckpt is not None:
+            state = read_state(self.ckpt)
+            if state.get("method") != "lora":
+                raise CheckpointError(f"{self.ckpt}: not a lora checkpoint (method {state.get('method')})")
+            self.start_step = int(state["step"])
+            logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
+        sub = f"rank{mesh.rank}" if mesh.distributed else None
+        self.rt = build_runtime(cfg, nvme_subdir=sub)
+        rt = self.rt
+        logger.info("plan:\n%s", rt.plan.describe())
+        rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
+        self.engine = FOEngine(rt.layout, rt.streamer, device=rt.device)
+        model = rt.layout.model
+        if self.ckpt is not None:
+            self.adapter, self.spec = load_peft(self.ckpt / ADAPTER_DIR, model)
+        elif cfg.lora.init_from:
+            self.adapter, self.spec = load_peft(cfg.lora.init_from, model)
+        else:
+            self.spec = lora_spec(cfg)
+            self.adapter = Adapter.create(find_targets(model, self.spec), self.spec, seed=cfg.train.seed)
+        self.adapter.to(rt.device)
+        self.adapter.train()
+        self.handle = attach(model, [self.adapter])
+        self.params = [p for p in self.adapter.parameters()]
+        self.optim = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                       foreach=False)
+        if self.ckpt is not None and (self.ckpt / OPTIM_NAME).exists():
+            self.optim.load_state_dict(torch.load(self.ckpt / OPTIM_NAME, map_location=rt.device))
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.pad_id = pad_id_for(self.tokenizer)
+        self.train_examples, self.eval_examples = load_examples(cfg.data, self.tokenizer)
+        t = cfg.train
+        self.batcher = Batcher(self.train_examples, global_batch_size=t.batch_size,
+                               micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
+                               rank=mesh.dp_rank, world_size=mesh.data)
+        self.metrics = MetricsWriter(self.output_dir, enabled=mesh.is_main, start_step=self.start_step)
+        if mesh.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+
+    # ----------------------------------------------------------------- step
+    def train_step(self, step: int) -> float:
+        """One optimizer step; returns the global mean loss."""
+        t, dev = self.cfg.train, self.rt.device
+        micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
+        self.optim.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        self.engine.begin_step(len(micro))
+        try:
+            for mb in micro:
+                b = mb.to(dev)
+                logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
+                per = loss_per_sample(logits, b)  # (B,)
+                loss = per.sum() / t.batch_size
+                loss.backward()
+                loss_sum += float(per.detach().sum())
+        finally:
+            self.engine.end_step()
+        self._reduce_grads()
+        all_reduce_sum_(loss_sum, self.mesh)
+        if t.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip, foreach=False)
+        for g in self.optim.param_groups:
+            g["lr"] = lr_at(step, t)
+        self.optim.step()
+        return float(loss_sum) / t.batch_size
+
+    def _reduce_grads(self) -> None:
+        if not self.mesh.distributed:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        all_reduce_sum_(flat, self.mesh)
+        off = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad.copy_(flat[off:off + n].view_as(p))
+            off += n
+
+    def train(self, *, progress: bool = True) -> TrainResult:
+        t, mesh = self.cfg.train, self.mesh
+        losses = []
+        bar = _progress(t.steps, self.start_step, enabled=progress and mesh.is_main)
+        for step in range(self.start_step, t.steps):
+            t0 = time.perf_counter()
+            before = self.rt.streamer.stats.snapshot()
+            loss = self.train_step(step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr")
+            dt = time.perf_counter() - t0
+            tokens = sum(int(m.attention_mask.sum()) for m in self.batcher.batches_for_step(step, pad_id=self.pad_id))
+            rec = {"step": step + 1, "loss": loss, "lr": lr_at(step, t), "step_s": round(dt, 4),
+                   "tokens_per_s": tokens / dt, "host_rss_gib": round(host_rss_gib()[0], 4),
+                   "host_peak_rss_gib": round(host_rss_gib()[1], 4)}
+            rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
+            losses.append(loss)
+            if (step + 1) % t.log_every_steps == 0:
+                self.metrics.write(rec)
+                if mesh.is_main:
+                    logger.info(format_line(rec))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            last = step + 1 == t.steps
+            if t.eval_every_steps and (step + 1) % t.eval_every_steps == 0 and not last:
+                self.metrics.write({"step": step + 1, **self.evaluate(prefix="eval_")})
+            if t.checkpoint_every_steps and (step + 1) % t.checkpoint_every_steps == 0 and not last:
+                self.save_checkpoint(step + 1)
+        if bar is not None:
+            bar.close()
+        ev = self.evaluate(prefix="eval_") if self.eval_examples else None
+        if ev:
+            self.metrics.write({"step": t.steps, **ev})
+        final = self.output_dir / "final"
+        if mesh.is_main:
+            save_peft(self.adapter, final, base_model_name_or_path=str(self.cfg.model.path), spec=self.spec)
+        return TrainResult(final, t.steps, losses, ev)
+
+    # ------------------------------------------------------ eval, checkpoint
+    def evaluate(self, *, prefix: str = "") -> dict:
+        if not self.eval_examples:
+            return {}
+        n = self.cfg.data.eval_samples
+        examples = self.eval_examples[:n] if n else self.eval_examples
+        mb = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+        totals = torch.zeros(3, dtype=torch.float64)
+        self.adapter.eval()
+        chunks = list(eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data))
+        with torch.no_grad():
+            for chunk in chunks:
+                b = pad_positions([collate(chunk, pad_id=self.pad_id)])[0].to(self.rt.device)
+                self.engine.begin_step(1, backward=False)
+                try:
+                    logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
+                finally:
+                    self.engine.end_step()
+                totals += torch.tensor([float(loss_per_sample(logits, b).sum()),
+                                        float(correct_per_sample(logits, b).sum()), b.batch_size], dtype=torch.float64)
+        self.adapter.train()
+        all_reduce_sum_(totals, self.mesh)
+        res = {f"{prefix}loss": totals[0].item() / totals[2].item(),
+               f"{prefix}accuracy": totals[1].item() / totals[2].item(), f"{prefix}samples": int(totals[2])}
+        if self.mesh.is_main:
+            logger.info("eval: loss %.4f accuracy %.4f on %d samples", res[f"{prefix}loss"],
+                        res[f"{prefix}accuracy"], res[f"{prefix}samples"])
+        return res
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        if not self.mesh.is_main:
+            return None
+        dest = checkpoint_dir(self.output_dir, step)
+        tmp = dest.parent / f".tmp-{dest.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_peft(self.adapter, tmp / ADAPTER_DIR, base_model_name_or_path=str(self.cfg.model.path), spec=self.spec)
+        torch.save(self.optim.state_dict(), tmp / OPTIM_NAME)
+        write_atomic_json(tmp / "trainer_state.json", {"method": "lora", "step": step, "seed": self.cfg.train.seed,
+                                                        "world_size": self.mesh.world_size})
+        _fsync_dir(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        _fsync_dir(dest.parent)
+        prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
+        logger.info("saved %s", dest)
+        return dest
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.engine.close()
+        self.rt.streamer.close()
