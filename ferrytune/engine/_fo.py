@@ -53,10 +53,13 @@ class FOEngine:
         self._outer = self.streamer.acquire(OUTER)
         _bind_block(self.layout, OUTER, self._outer)
 
-    def end_step(self) -> None:
+    def end_step(self, *, failed: bool = False) -> None:
         _bind_block(self.layout, OUTER, None)
-        self.streamer.release(OUTER, dirty=False)
         self._outer = None
+        if failed:  # unwinding an error: report that one, not the pass left half done
+            self.streamer.abort_pass()
+            return
+        self.streamer.release(OUTER, dirty=False)
         self.streamer.finish_pass()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -119,8 +119,10 @@ class LoraTrainer:
                 loss = per.sum() / t.batch_size
                 loss.backward()
                 loss_sum += float(per.detach().sum())
-        finally:
-            self.engine.end_step()
+        except BaseException:
+            self.engine.end_step(failed=True)
+            raise
+        self.engine.end_step()
         self._reduce_grads()
         all_reduce_sum_(loss_sum, self.mesh)
         if t.grad_clip is not None:
@@ -196,8 +198,10 @@ class LoraTrainer:
                 self.engine.begin_step(1, backward=False)
                 try:
                     logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
-                finally:
-                    self.engine.end_step()
+                except BaseException:
+                    self.engine.end_step(failed=True)
+                    raise
+                self.engine.end_step()
                 totals += torch.tensor([float(loss_per_sample(logits, b).sum()),
                                         float(correct_per_sample(logits, b).sum()), b.batch_size], dtype=torch.float64)
         self.adapter.train()

@@ -115,6 +115,7 @@ class ZOEngine:
         if momentum:
             self.state_streamer.start_pass(order)
         self._pass = _PassState(step=step, streams=streams, rows=rows_per_stream, dirty=dirty, num_micro=num_micro)
+        ok = False
         try:
             self._open_block(OUTER)
             model = self.layout.model
@@ -126,11 +127,11 @@ class ZOEngine:
                 logits = model.get_output_embeddings()(h)  # (N, L, V), through the head unit
                 result = head_fn(logits)
             self._close_block(OUTER)
+            ok = True
         finally:
             self._pass = None
-            self.streamer.finish_pass()
-            if momentum:
-                self.state_streamer.finish_pass()
+            for st in [self.streamer] + ([self.state_streamer] if momentum else []):
+                st.finish_pass() if ok else st.abort_pass()
         return result
 
     def flush(self) -> None:

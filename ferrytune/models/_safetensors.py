@@ -96,6 +96,8 @@ class SafetensorsReader:
                 files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: corrupt shard index ({e})") from e
+        elif (self.folder / "model.safetensors").exists():
+            files = ["model.safetensors"]  # other *.safetensors beside it (optimizer state) are not weights
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:

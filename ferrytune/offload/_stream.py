@@ -140,6 +140,7 @@ class BlockStreamer:
             if reuse_store and (self.nvme_dir / "store.json").exists():
                 self._store = NvmeBlockStore.open(self.nvme_dir, backend=self._io, verify=self.verify)
             else:
+                _remove_store(self.nvme_dir)  # the store is scratch: rebuilt from the checkpoint each run
                 self._store = NvmeBlockStore.create(self.nvme_dir, records, backend=self._io, verify=self.verify)
         self._build_slots()
         scratch = torch.empty(max(self.numel.values()), dtype=self.store_dtype)
@@ -390,6 +391,27 @@ class BlockStreamer:
         if self._in_use:
             raise RuntimeError(f"streamer: blocks still in use at the end of a pass: {sorted(self._in_use)}")
 
+    def abort_pass(self) -> None:
+        """End a pass that failed part-way: wait for IO in flight, drop every slot's contents, raise nothing.
+
+        The caller is unwinding an error (a corrupt record, an interrupt); the original
+        exception is the one to report, so errors of the IO in flight are only logged.
+        """
+        futures = [f for f in self._pending_write.values()]
+        futures += [f for _, f in self._futures.values() if f is not None]
+        futures += [s.written for s in self._all_slots() if s.written is not None]
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 - see docstring
+                logger.debug("IO error while aborting a pass: %s", e)
+        with self._lock:
+            for s in self._all_slots():
+                s.state, s.refs, s.holds, s.written, s.ready = SlotState.FREE, 0, None, None, None
+            self._pending_write.clear()
+        self._futures.clear()
+        self._in_use.clear()
+
     # ---------------------------------------------------------------- helpers
     def _write_record(self, b: str, flat: torch.Tensor) -> None:
         buf = self._outer_slot.staging if b == self.plan.outer_block else self._slots[0].staging
@@ -432,6 +454,16 @@ class _nullctx:
 
     def __exit__(self, *a):
         return False
+
+
+def _remove_store(directory: Path) -> None:
+    """Delete a previous run's store files — only those, never the rest of the folder (unlike a rmtree)."""
+    manifest = directory / "store.json"
+    if not manifest.exists():
+        return
+    for f in directory.glob("store-*.bin"):
+        f.unlink()
+    manifest.unlink()
 
 
 def _esize(dtype: torch.dtype) -> int:

@@ -1,0 +1,320 @@
+"""Packed multi-LoRA training: K jobs, K adapters, one frozen base, one forward per microbatch.
+
+Each call of :meth:`MultiLoraTrainer.step` is one optimizer step of every active job:
+
+1. every job takes its global batch for its own step counter (``Batcher``, so a job's data
+   is a pure function of (seed, step) and resuming needs only the step);
+2. all samples are cut into microbatches by a ``packer`` (the service passes
+   first-fit-decreasing token packing; the default is one microbatch);
+3. inside a microbatch rows are sorted by job, so each adapter's rows are contiguous, and
+   ONE base forward runs over them with the :class:`~ferrytune.lora.Router` saying which
+   rows use which adapter (mLoRA's BatchLoRA, Ye et al. 2023, arXiv:2312.02515);
+4. the loss is ``sum over jobs of sum(per-sample loss of the job's rows) / job batch size``,
+   i.e. the sum of each job's own mean; one ``backward`` per microbatch;
+5. each job then clips its own gradient norm, sets its own scheduled lr and steps its own
+   AdamW. Adapters share no parameter, so each gets exactly the gradient it would get
+   trained alone on the same samples (up to float summation order).
+
+The base forward is behind two methods, :meth:`_forward_hidden` and :meth:`_head`, so
+the resident base can be swapped for the streamed one of the engine without touching
+the step logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ferrytune.config import TrainConfig, TrainLoopConfig, config_from_dict
+from ferrytune.data import (Batcher, Example, collate, gather_positions, load_examples, load_tokenizer,
+                            loss_per_sample, pad_id_for)
+from ferrytune.errors import CheckpointError, ConfigError
+from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MultiLoraTrainer", "Packer", "lr_at", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_CHECKPOINT_FORMAT = 1
+
+Packer = Callable[[Sequence[int]], list[list[int]]]
+"""Sample lengths (tokens) -> microbatches as lists of sample indices; every index once."""
+
+
+def _one_microbatch(lengths: Sequence[int]) -> list[list[int]]:
+    return [list(range(len(lengths)))]
+
+
+def lr_at(train: TrainLoopConfig, step: int) -> float:
+    """The lr of optimizer step ``step`` (0-based): linear warmup, then constant/linear/cosine to 0."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return train.lr
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    if train.lr_schedule == "linear":
+        return train.lr * max(0.0, 1.0 - progress)
+    return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class _Job:
+    job_id: str
+    cfg: TrainConfig
+    spec: LoraSpec
+    adapter: Adapter
+    optimizer: torch.optim.AdamW
+    batcher: Batcher
+    work_dir: Path
+    step: int = 0
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.train.steps
+
+
+class MultiLoraTrainer:
+    """One frozen base model (resident, loaded once) training a changing set of LoRA jobs.
+
+    Jobs join (:meth:`add_job`) and leave (:meth:`remove_job`) between steps.
+    ``packer`` splits one step's samples into microbatches (see ``ferrytune.service``'s
+    ``pack_microbatches``); the default runs all of them in one forward.
+    """
+
+    def __init__(self, base_path: str | os.PathLike, *, device: str | torch.device = "cpu", seed: int = 0,
+                 dtype: str = "float32", packer: Packer | None = None):
+        from transformers import AutoModelForCausalLM  # heavy import, only when a trainer is built
+
+        self.base_path = os.fspath(base_path)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.dtype = dtype
+        self._packer = packer or _one_microbatch
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.pad_id = pad_id_for(self.tokenizer)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.base_path, dtype=getattr(torch, dtype), local_files_only=True).to(self.device)
+        self.model.requires_grad_(False)
+        self.model.train()  # as PEFT trains: LoRA dropout follows the base module's mode
+        self.router = Router()
+        self._jobs: dict[str, _Job] = {}
+        self._handle = None
+
+    # ---- the base-model seam: the streamed engine replaces these two methods ----
+    def _forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, T, C) of the frozen base, adapters applied by the hooks."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state  # (B, T, C)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) from hidden states gathered at the scored positions (B, L, C)."""
+        return self.model.get_output_embeddings()(hidden)
+
+    # ---- jobs ----
+    @property
+    def job_ids(self) -> list[str]:
+        return list(self._jobs)
+
+    def add_job(self, job_id: str, cfg: TrainConfig | dict, *, train_path: str | os.PathLike | None = None,
+                work_dir: str | os.PathLike) -> int:
+        """Add a job; resumes from ``work_dir/checkpoint.pt`` when there is one. Returns its step.
+
+        ``train_path`` replaces ``cfg.data.train`` (the service passes its own copy of the data).
+        Raises ConfigError / DataError / CheckpointError naming the problem.
+        """
+        if job_id in self._jobs:
+            raise ConfigError(f"job {job_id}: already on this trainer")
+        if isinstance(cfg, dict):
+            cfg = config_from_dict(cfg, source=f"job {job_id}", check_device=False)
+        if cfg.method != "lora":
+            raise ConfigError(f"job {job_id}: method: the multi-LoRA trainer trains method 'lora' (got {cfg.method!r})")
+        data = cfg.data.model_copy(update={"eval": None, **({"train": os.fspath(train_path)} if train_path else {})})
+        examples, _ = load_examples(data, self.tokenizer)
+        adapter, spec = self._new_adapter(cfg)
+        train = cfg.train
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        batcher = Batcher(examples, global_batch_size=train.batch_size, seed=train.seed, shuffle=data.shuffle)
+        job = _Job(job_id, cfg, spec, adapter, optimizer, batcher, Path(work_dir))
+        job.work_dir.mkdir(parents=True, exist_ok=True)
+        self._resume(job)
+        self._jobs[job_id] = job
+        self._reattach()
+        logger.info("job %s joined at step %d/%d (%d targets, %d adapter params)", job_id, job.step,
+                    job.max_steps, len(adapter.targets), sum(p.numel() for p in adapter.parameters()))
+        return job.step
+
+    def remove_job(self, job_id: str) -> None:
+        """Drop a job between steps (checkpoint it first if its progress matters)."""
+        self._jobs.pop(job_id)
+        self._reattach()
+
+    def is_done(self, job_id: str) -> bool:
+        job = self._jobs[job_id]
+        return job.step >= job.max_steps
+
+    def job_step(self, job_id: str) -> int:
+        return self._jobs[job_id].step
+
+    def adapter(self, job_id: str) -> Adapter:
+        return self._jobs[job_id].adapter
+
+    def _new_adapter(self, cfg: TrainConfig) -> tuple[Adapter, LoraSpec]:
+        lora = cfg.lora
+        if lora.init_from:
+            adapter, spec = load_peft(lora.init_from, self.model, device=self.device)
+            return adapter, spec
+        spec = LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                        rank_pattern=dict(lora.rank_pattern), alpha_pattern=dict(lora.alpha_pattern),
+                        use_rslora=lora.use_rslora)
+        targets = find_targets(self.model, spec)
+        return Adapter.create(targets, spec, seed=cfg.train.seed, device=self.device), spec
+
+    def _reattach(self) -> None:
+        # Router index i = i-th job in insertion order; re-hooking costs microseconds.
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._jobs:
+            self._handle = attach(self.model, [j.adapter for j in self._jobs.values()], router=self.router)
+
+    # ---- the packed step ----
+    def step(self) -> dict[str, dict[str, float]]:
+        """One optimizer step of every job that is not done. Returns per-job metrics."""
+        t0 = time.perf_counter()
+        index = {job_id: k for k, job_id in enumerate(self._jobs)}  # router adapter index
+        active = [j for j in self._jobs.values() if j.step < j.max_steps]
+        if not active:
+            return {}
+        samples: list[tuple[int, Example]] = []  # (position in `active`, example), job by job
+        tokens = [0] * len(active)
+        for a, job in enumerate(active):
+            samples += [(a, e) for mb in job.batcher.batch_for_step(job.step) for e in mb]
+            tokens[a] = sum(len(e.input_ids) for b, e in samples if b == a)
+        bins = self._packer([len(e.input_ids) for _, e in samples])
+        if sorted(i for b in bins for i in b) != list(range(len(samples))):
+            raise RuntimeError("packer must return every sample index exactly once")
+        for job in active:
+            job.optimizer.zero_grad(set_to_none=True)
+        loss_sums = [0.0] * len(active)
+        padded_tokens = 0
+        for rows in bins:
+            rows = sorted(rows, key=lambda i: (samples[i][0], i))  # each job's rows contiguous
+            padded_tokens += len(rows) * max(len(samples[i][1].input_ids) for i in rows)
+            sums = self._forward_backward([samples[i] for i in rows], active, index)
+            for a, s in sums.items():
+                loss_sums[a] += s
+        out: dict[str, dict[str, float]] = {}
+        for a, job in enumerate(active):
+            out[job.job_id] = self._optimizer_step(job, loss_sums[a])
+            out[job.job_id]["tokens"] = tokens[a]
+        elapsed = time.perf_counter() - t0
+        for metrics in out.values():
+            metrics["step_time_s"] = elapsed
+            metrics["num_microbatches"] = len(bins)
+            metrics["padded_tokens"] = padded_tokens
+        return out
+
+    def _forward_backward(self, rows: list[tuple[int, Example]], active: list[_Job],
+                          index: dict[str, int]) -> dict[int, float]:
+        """One microbatch: rows sorted by job. Returns {job position: sum of its per-sample losses}."""
+        T = max(len(e.input_ids) for _, e in rows)
+        segments, batches, start = [], [], 0
+        for a in sorted({a for a, _ in rows}):
+            examples = [e for b, e in rows if b == a]
+            batches.append((a, start, collate(examples, pad_id=self.pad_id, pad_to=T).to(self.device)))
+            segments.append((index[active[a].job_id], start, start + len(examples)))
+            start += len(examples)
+        input_ids = torch.cat([b.input_ids for _, _, b in batches])  # (B, T)
+        attention_mask = torch.cat([b.attention_mask for _, _, b in batches])  # (B, T)
+        sums: dict[int, float] = {}
+        with self.router.route(segments):  # open through backward: recompute needs the routing
+            hidden = self._forward_hidden(input_ids, attention_mask)  # (B, T, C)
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            for a, row0, batch in batches:
+                h = gather_positions(hidden[row0:row0 + batch.batch_size], batch.loss_positions)  # (b, L, C)
+                per_sample = loss_per_sample(self._head(h), batch)  # (b,)
+                loss = loss + per_sample.sum() / active[a].batcher.global_batch_size
+                sums[a] = float(per_sample.detach().sum())
+            loss.backward()
+        return sums
+
+    def _optimizer_step(self, job: _Job, loss_sum: float) -> dict[str, float]:
+        train = job.cfg.train
+        lr = lr_at(train, job.step)
+        for group in job.optimizer.param_groups:
+            group["lr"] = lr
+        params = list(job.adapter.parameters())
+        if train.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        job.optimizer.step()
+        job.step += 1
+        return {"step": job.step, "loss": loss_sum / job.batcher.global_batch_size, "lr": lr,
+                "grad_norm": grad_norm, "done": float(job.step >= job.max_steps)}
+
+    # ---- checkpoints and export ----
+    def checkpoint(self, job_id: str) -> Path:
+        """Write ``work_dir/checkpoint.pt`` atomically (temp file, fsync, rename). Returns its path."""
+        job = self._jobs[job_id]
+        state = {
+            "format": _CHECKPOINT_FORMAT, "job_id": job_id, "step": job.step,
+            "adapter": job.adapter.state_dict(), "optimizer": job.optimizer.state_dict(),
+            "config": job.cfg.to_dict(),
+        }
+        final = job.work_dir / CHECKPOINT_NAME
+        tmp = job.work_dir / f".{CHECKPOINT_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(job.work_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must survive a crash
+        finally:
+            os.close(dir_fd)
+        return final
+
+    def _resume(self, job: _Job) -> None:
+        path = job.work_dir / CHECKPOINT_NAME
+        if not path.exists():
+            return
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if state.get("format") != _CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+            job.adapter.load_state_dict(state["adapter"])
+            job.optimizer.load_state_dict(state["optimizer"])
+            job.step = int(state["step"])
+        except CheckpointError:
+            raise
+        except Exception as e:  # torch.load / load_state_dict raise many types
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            raise CheckpointError(f"{path}: cannot resume from it: {first}") from None
+        job.resumed_from = job.step
+        logger.info("job %s resumes from %s at step %d", job.job_id, path, job.step)
+
+    def resumed_from(self, job_id: str) -> int:
+        return self._jobs[job_id].resumed_from
+
+    def export(self, job_id: str, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+        """Save the job's adapter as a PEFT LoRA folder (atomically)."""
+        job = self._jobs[job_id]
+        save_peft(job.adapter, out_dir, base_model_name_or_path=base_model_name_or_path or self.base_path,
+                  spec=job.spec)
+        return Path(out_dir)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny real HF models (random weights, a trained BPE tokenizer) and configs."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from ferrytune.config import config_from_dict
+from ferrytune.data import demo_data_path
+
+torch.set_num_threads(1)  # CI has two shared cores; determinism checks do not need more
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Build tiny models lazily, one folder per (arch, options), shared by the whole session."""
+    from ferrytune.launch._demo import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    cache: dict = {}
+
+    def get(arch: str = "llama", **kw) -> str:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = arch + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+            cache[key] = str(build_tiny_model(root / name, arch=arch, **kw))
+        return cache[key]
+
+    return get
+
+
+def make_config(model_path: str, output_dir, **sections):
+    """A small ZO config on the demo data; ``sections`` deep-merge over the defaults."""
+    base = {
+        "method": "zo",
+        "model": {"path": model_path},
+        "data": {"train": str(demo_data_path("train")), "eval": str(demo_data_path("dev")), "eval_samples": 16},
+        "train": {"steps": 3, "batch_size": 4, "seed": 3, "lr": 1e-3},
+        "zo": {"eps": 1e-3},
+        "output_dir": str(output_dir),
+        "resume": "never",
+    }
+    merged = copy.deepcopy(base)
+    for key, val in sections.items():
+        if isinstance(val, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(val)
+        else:
+            merged[key] = val
+    return config_from_dict(merged)
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    counter = iter(range(1000))
+
+    def make(model_path: str, **sections):
+        out = tmp_path / f"run{next(counter)}"
+        if "offload" in sections and sections["offload"].get("tier") == "nvme":
+            sections["offload"].setdefault("nvme_dir", str(out / "nvme"))
+        return make_config(model_path, out, **sections)
+
+    return make
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,48 @@
+"""The planner is a pure function: placements and the errors that name a budget."""
+
+import pytest
+
+from ferrytune.errors import PlanError
+from ferrytune.offload._plan import BlockSize, Tier, make_plan
+
+MIB = 2**20
+BLOCKS = {"outer": BlockSize(8 * MIB, 16 * MIB), **{f"layer.{i}": BlockSize(4 * MIB, 8 * MIB) for i in range(6)}}
+
+
+def _plan(**kw):
+    args = dict(outer_block="outer", tier="nvme", prefetch_depth=2, device_budget_bytes=None,
+                host_budget_bytes=1 << 30, zero_copy=False)
+    args.update(kw)
+    return make_plan(BLOCKS, **args)
+
+
+def test_nvme_without_device_budget_streams_every_block():
+    p = _plan()
+    assert p.count(Tier.NVME) == 7 and p.ring_size == 4
+    assert p.host_bytes == 4 * 4 * MIB + 8 * MIB  # ring staging + outer staging
+
+
+def test_device_budget_keeps_early_layers_resident():
+    working = 16 * MIB + 4 * 8 * MIB
+    p = _plan(device_budget_bytes=working + 2 * 4 * MIB)
+    assert [b for b, t in p.home.items() if t == Tier.DEVICE] == ["layer.0", "layer.1"]
+
+
+def test_resident_over_budget_names_device_budget():
+    with pytest.raises(PlanError, match="offload.device_budget_gib"):
+        _plan(tier="resident", device_budget_bytes=10 * MIB)
+
+
+def test_host_budget_too_small_for_one_block():
+    with pytest.raises(PlanError, match="offload.host_budget_gib"):
+        _plan(host_budget_bytes=5 * MIB)
+
+
+def test_host_tier_over_budget_suggests_nvme():
+    with pytest.raises(PlanError, match="offload.tier: nvme"):
+        _plan(tier="host", host_budget_bytes=10 * MIB)
+
+
+def test_zero_copy_cpu_nvme_computes_in_staging():
+    p = _plan(zero_copy=True)
+    assert p.ring_size == 0 and p.device_bytes == 0 and p.staging_buffers == 4
