@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "numpy",
         "numba>=0.60",
+        "xxhash",
     ],
     extras_require={
         "lora": ["peft>=0.13"],
