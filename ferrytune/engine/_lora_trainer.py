@@ -34,8 +34,9 @@ from ferrytune.engine._metrics import MetricsWriter, format_line, host_rss_gib, 
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo_trainer import TrainResult, _progress, pad_positions
-from ferrytune.errors import CheckpointError
+from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, attach, find_targets, load_peft, save_peft
+from ferrytune.parallel import AgreementCheck, adapter_sample
 from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class LoraTrainer:
 
     def setup(self) -> None:
         cfg, mesh = self.cfg, self.mesh
+        if cfg.parallel.sliced_loading and mesh.distributed:
+            raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
+        self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         self.ckpt = resolve_resume(self.output_dir, cfg.resume)
         self.start_step = 0
         if self.ckpt is not None:
@@ -153,6 +157,9 @@ class LoraTrainer:
             loss = self.train_step(step)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr")
+            self.agree.update(loss, lr_at(step, t))
+            if self.agree.due(step + 1) or step + 1 == t.steps:
+                self.agree.check(step + 1, sample=adapter_sample(self.params))
             dt = time.perf_counter() - t0
             tokens = sum(int(m.attention_mask.sum()) for m in self.batcher.batches_for_step(step, pad_id=self.pad_id))
             rec = {"step": step + 1, "loss": loss, "lr": lr_at(step, t), "step_s": round(dt, 4),

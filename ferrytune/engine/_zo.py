@@ -151,6 +151,34 @@ class ZOEngine:
             self.state_streamer.finish_pass()
         self.pending = None
 
+    def replay_step(self, step: int) -> None:
+        """Redo step ``step``'s weight arithmetic without its forwards (``ferrytune replay``).
+
+        Applies the pending update and runs every parameter's in-place ``+εz, -2εz, +εz``
+        chain, exactly as the training pass did, so replaying the (seed, g) log from the
+        initial weights reproduces the trained weights bit for bit.
+        """
+        order = [OUTER] + self.layout.layer_blocks
+        self.streamer.start_pass(order)
+        momentum = self.state_streamer is not None and self.pending is not None
+        if momentum:
+            self.state_streamer.start_pass(order)
+        for b in order:
+            flat = self.streamer.acquire(b)
+            if self.pending is not None:
+                self._apply_update(b, flat)
+            for p in self.layout.blocks[b].params:
+                v = _view(flat, p)
+                for k in range(self.h.num_perturbations):
+                    z = perturbation(PerturbKey(self.h.seed, step, k, p.param_id), p.shape,
+                                     dist=self.h.distribution, device=self.device)
+                    for alpha in (self.h.eps, -2 * self.h.eps, self.h.eps):
+                        v.add_(z, alpha=alpha)
+            self.streamer.release(b, dirty=True)
+        self.streamer.finish_pass()
+        if momentum:
+            self.state_streamer.finish_pass()
+
     # ------------------------------------------------------------ block life
     def _open_block(self, b: str) -> None:
         flat = self.streamer.acquire(b)

@@ -29,6 +29,7 @@ from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
 from ferrytune.errors import CheckpointError
 from ferrytune.offload._stream import BlockStreamer
+from ferrytune.parallel import AgreementCheck, SlicedBlockStreamer, apply_sliced_loading, zo_sample
 from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ class ZOTrainer:
             logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
         sub = f"rank{mesh.rank}" if mesh.distributed else None
         self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub)
+        if cfg.parallel.sliced_loading:
+            self.rt = apply_sliced_loading(self.rt, mesh)
         rt = self.rt
+        self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(source, rt.layout))
         self.state_streamer = None
@@ -193,6 +197,7 @@ class ZOTrainer:
                 raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
             lr = lr_at(step, t)
             self.engine.pending = PendingUpdate(step, grads, lr)
+            self.agree.update(*grads, lr)
             self._log_step(step, grads, lr)
             dt = time.perf_counter() - t0
             tokens = sum(int(m.attention_mask.sum()) for m in micro) * len(streams)
@@ -209,6 +214,8 @@ class ZOTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = step + 1 == t.steps
+            if self.agree.due(step + 1) and not last:
+                self._check_agreement(step + 1)
             if t.eval_every_steps and (step + 1) % t.eval_every_steps == 0 and not last:
                 self.metrics.write({"step": step + 1, **self.evaluate(prefix="eval_")})
             if t.checkpoint_every_steps and (step + 1) % t.checkpoint_every_steps == 0 and not last:
@@ -216,12 +223,43 @@ class ZOTrainer:
         if bar is not None:
             bar.close()
         self.engine.flush()
+        self._check_agreement(t.steps)
         ev = self.evaluate(prefix="eval_") if self.eval_examples else None
         if ev:
             self.metrics.write({"step": t.steps, **ev})
         final = self.output_dir / "final"
         self._save(final, t.steps)
         return TrainResult(final, t.steps, losses, ev)
+
+    def _check_agreement(self, step: int) -> None:
+        sliced = isinstance(self.rt.streamer, SlicedBlockStreamer)  # slices differ by design: no weight sample
+        if self.mesh.distributed:
+            self.agree.check(step, sample=zo_sample(self.engine, step=step, with_params=not sliced))
+
+    def replay(self, log_path: Path, *, to_step: int | None = None) -> Path:
+        """Rebuild the weights of a run from its initial weights and its ``zo_log.jsonl``.
+
+        Needs no data and no forward pass: per logged step, the update and the
+        perturbation arithmetic are redone with z regenerated from the seed.
+        Writes ``OUTPUT_DIR/replayed/`` and returns it.
+        """
+        entries = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
+        if to_step is not None:
+            entries = [e for e in entries if e["step"] < to_step]
+        expected = list(range(self.start_step, self.start_step + len(entries)))
+        if [e["step"] for e in entries] != expected:
+            raise CheckpointError(f"{log_path}: steps are not contiguous from {self.start_step}")
+        for e in entries:
+            if e["seed"] != self.cfg.train.seed:
+                raise CheckpointError(f"{log_path}: step {e['step']} has seed {e['seed']}, config has "
+                                      f"train.seed={self.cfg.train.seed}")
+            self.engine.replay_step(e["step"])
+            self.engine.pending = PendingUpdate(e["step"], list(e["grads"]), float(e["lr"]))
+        self.engine.flush()
+        dest = self.output_dir / "replayed"
+        end = self.start_step + len(entries)
+        self._save(dest, end)
+        return dest
 
     def _log_step(self, step: int, grads: list[float], lr: float) -> None:
         if self.mesh.is_main:
@@ -238,7 +276,14 @@ class ZOTrainer:
         examples = self.eval_examples[:n] if n else self.eval_examples
         mb = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
         total_loss = total_correct = count = 0.0
-        for chunk in eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data):
+        mesh = self.mesh  # eval has no perturbation: every rank of the mesh takes its share
+        chunks = list(eval_batches(examples, micro_batch_size=mb, rank=mesh.rank, world_size=mesh.world_size))
+        # Sliced loading makes every pass collective: a rank one chunk short runs its first chunk again, uncounted.
+        num_passes = len(chunks)
+        if self.cfg.parallel.sliced_loading:
+            num_passes = math.ceil(math.ceil(len(examples) / mb) / mesh.world_size)
+        for i in range(num_passes):
+            chunk = chunks[i] if i < len(chunks) else examples[:1]
             batch = pad_positions([collate(chunk, pad_id=self.pad_id)])[0]
             out = {}
 
@@ -250,9 +295,10 @@ class ZOTrainer:
             dev = self.engine.device
             self.engine.run(-1, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.loss_positions.to(dev),
                             [(0, 0)], batch.batch_size, head, dirty=False, num_micro=1)
-            total_loss += float(out["loss"].sum())
-            total_correct += float(out["correct"].sum())
-            count += batch.batch_size
+            if i < len(chunks):
+                total_loss += float(out["loss"].sum())
+                total_correct += float(out["correct"].sum())
+                count += batch.batch_size
         totals = torch.tensor([total_loss, total_correct, count], dtype=torch.float64)
         all_reduce_sum_(totals, self.mesh)
         res = {f"{prefix}loss": totals[0].item() / totals[2].item(),
@@ -271,9 +317,11 @@ class ZOTrainer:
 
     def _save(self, dest: Path, step: int) -> None:
         self.engine.flush()
-        if not self.mesh.is_main:
-            return
         rt = self.rt
+        if not self.mesh.is_main:
+            if isinstance(rt.streamer, SlicedBlockStreamer):  # rank 0's read_master gathers every slice
+                rt.streamer.serve_master_reads(list(rt.layout.blocks))
+            return
 
         def extra(tmp: Path) -> None:
             if self.state_streamer is not None:

@@ -64,3 +64,18 @@ def plan_command(args) -> int:
           f"(outer + {len(layout.layer_blocks)} layers)  store {rt.store_dtype}  compute {rt.compute_dtype}")
     print(rt.plan.describe())
     return 0
+
+
+def replay_command(args) -> int:
+    from ferrytune.engine._zo_trainer import ZOTrainer
+
+    cfg = load_config(args.config, args.overrides)
+    cfg = cfg.model_copy(update={"resume": "never"})
+    trainer = ZOTrainer(cfg)
+    trainer.setup()
+    try:
+        dest = trainer.replay(Path(args.log), to_step=args.to_step)
+    finally:
+        trainer.close()
+    print(f"replayed weights: {dest}")
+    return 0

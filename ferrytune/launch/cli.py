@@ -3,6 +3,7 @@
     ferrytune train [CONFIG.yaml] [--set section.key=value ...] [--ray [--address ADDR]]
     ferrytune eval CONFIG.yaml [--checkpoint DIR]
     ferrytune plan CONFIG.yaml
+    ferrytune replay CONFIG.yaml --log OUTPUT_DIR/zo_log.jsonl
     ferrytune serve | tenants | submit | jobs | status | cancel | fetch   (the LoRA service)
 
 ``ferrytune train`` with no config runs the embedded demo (a tiny model built
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on data.eval")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="HF folder to evaluate (default: model.path)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    p = sub.add_parser("replay", help="rebuild a ZO run's weights from its initial weights and zo_log.jsonl")
+    _add_config_args(p)
+    p.add_argument("--log", required=True, help="the run's zo_log.jsonl")
+    p.add_argument("--to-step", type=int, default=None, help="stop after this many steps")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p = sub.add_parser("plan", help="print the placement plan and memory estimate, without training")
     _add_config_args(p)
@@ -89,6 +95,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return _commands.eval_command(args)
     if args.command == "plan":
         return _commands.plan_command(args)
+    if args.command == "replay":
+        return _commands.replay_command(args)
     return args.func(args)
 
 

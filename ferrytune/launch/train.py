@@ -17,13 +17,17 @@ from ferrytune.errors import FerrytuneError
 logger = logging.getLogger(__name__)
 
 
-def run(cfg, *, progress: bool = True):
-    """Train according to ``cfg`` in this process (one rank of the mesh in the environment)."""
+def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None):
+    """Train according to ``cfg`` in this process (one rank of the mesh in the environment).
+
+    ``collective_timeout_s``: how long a rank waits on its peers before failing
+    (default ``ferrytune.parallel.COLLECTIVE_TIMEOUT_S``).
+    """
     from ferrytune.engine._runtime import check_device
-    from ferrytune.parallel._mesh import init_mesh, shutdown
+    from ferrytune.parallel._mesh import COLLECTIVE_TIMEOUT_S, init_mesh, shutdown
 
     check_device(cfg)
-    mesh = init_mesh(cfg.parallel, device=cfg.device)
+    mesh = init_mesh(cfg.parallel, device=cfg.device, timeout_s=collective_timeout_s or COLLECTIVE_TIMEOUT_S)
     try:
         if cfg.method == "zo":
             from ferrytune.engine._zo_trainer import ZOTrainer as Trainer
@@ -61,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--collective-timeout-s", type=float, default=None,
+                   help="seconds a rank waits on its peers before failing (default 300)")
     args = p.parse_args(argv)
     setup_logging(args.debug)
     try:
-        run(load_config(args.config, args.overrides), progress=False)
+        run(load_config(args.config, args.overrides), progress=False, collective_timeout_s=args.collective_timeout_s)
     except FerrytuneError as e:
         if args.debug:
             raise

@@ -127,3 +127,21 @@ def test_streaming_moves_the_bytes_it_should(tiny_models, cfg_factory):
     for r in rec:
         assert r["bytes_read_nvme"] == r["bytes_written_nvme"] > 0
         assert total <= r["bytes_read_nvme"] <= total * 1.05  # records pad each tensor to 64 elements
+
+
+@pytest.mark.parametrize("zo", [{}, {"momentum": 0.9, "num_perturbations": 2}])
+def test_replay_of_the_log_reproduces_the_run(tiny_models, cfg_factory, zo):
+    """(seed, projected gradient) per step + the initial weights = the trained weights, bit for bit."""
+    from ferrytune.engine._zo_trainer import ZOTrainer
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    cfg = cfg_factory(path, zo=zo, train={"steps": 4, "lr": 1e-2}, data={"eval": None})
+    run(cfg, progress=False)
+    tr = ZOTrainer(cfg.model_copy(update={"output_dir": cfg.output_dir + "-replay"}))
+    tr.setup()
+    try:
+        dest = tr.replay(f"{cfg.output_dir}/zo_log.jsonl")
+    finally:
+        tr.close()
+    a, b = _final_weights(cfg), load_file(f"{dest}/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
