@@ -22,7 +22,7 @@ setup(
     extras_require={
         "lora": ["peft>=0.13"],
         "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib"],
-        "gpu": ["nvidia-ml-py", "triton"],
+        "gpu": ["nvidia-ml-py", "triton"],  # NVML telemetry (imports as pynvml) and the CUDA kernels
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
                  "matplotlib"],
     },

@@ -30,7 +30,7 @@ from ferrytune.data import loss_per_sample, pad_id_for
 from ferrytune.engine._checkpoint import (_fsync_dir, checkpoint_dir, prune_checkpoints, read_state,
                                           resolve_resume, write_atomic_json)
 from ferrytune.engine._fo import FOEngine
-from ferrytune.engine._metrics import MetricsWriter, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._metrics import MetricsWriter, device_metrics, format_line, host_rss_gib, stream_delta
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo_trainer import TrainResult, _progress, pad_positions
@@ -166,6 +166,7 @@ class LoraTrainer:
                    "tokens_per_s": tokens / dt, "host_rss_gib": round(host_rss_gib()[0], 4),
                    "host_peak_rss_gib": round(host_rss_gib()[1], 4)}
             rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
+            rec.update(device_metrics(self.rt.device))
             losses.append(loss)
             if (step + 1) % t.log_every_steps == 0:
                 self.metrics.write(rec)

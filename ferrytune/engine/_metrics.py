@@ -26,6 +26,29 @@ def host_rss_gib() -> tuple[float, float]:
     return cur, peak
 
 
+def device_metrics(device) -> dict:
+    """Accelerator memory and utilisation (CUDA only; empty on CPU).
+
+    Memory comes from torch's allocator; utilisation from NVML via ``nvidia-ml-py``
+    (imported as ``pynvml``), when it is installed.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return {}
+    out = {"device_mem_gib": round(torch.cuda.memory_allocated(device) / 2**30, 4),
+           "device_peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 4)}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        out["gpu_util_pct"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+    except Exception:  # telemetry is best effort: a missing NVML never stops training
+        pass
+    return out
+
+
 def stream_delta(before: dict, after: dict) -> dict:
     """Per-step IO figures from two ``StreamStats.snapshot()`` dicts."""
     out = {}

@@ -23,7 +23,7 @@ from ferrytune.data import Batch, correct_per_sample, eval_batches, collate, loa
 from ferrytune.data import Batcher, loss_per_sample
 from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, read_state, resolve_resume,
                                           save_model_folder)
-from ferrytune.engine._metrics import MetricsWriter, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._metrics import MetricsWriter, device_metrics, format_line, host_rss_gib, stream_delta
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
@@ -205,6 +205,7 @@ class ZOTrainer:
                    "tokens_per_s": tokens / dt, "host_rss_gib": round(host_rss_gib()[0], 4),
                    "host_peak_rss_gib": round(host_rss_gib()[1], 4)}
             rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
+            rec.update(device_metrics(self.rt.device))
             losses.append(loss)
             if (step + 1) % t.log_every_steps == 0:
                 self.metrics.write(rec)

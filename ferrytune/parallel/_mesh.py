@@ -6,6 +6,12 @@ forwards between them; *data parallel* ranks split the batch. Rank
 ``r = dp_rank * perturbation + pp_rank``. Only scalars (the per-micro-batch
 loss sums) cross the wire for ZO; parameters never do, because every rank
 regenerates the same z from the counter-based generator.
+
+The process group comes from the launcher: torchrun publishes ``RANK`` /
+``WORLD_SIZE`` / ``MASTER_ADDR`` in the environment (the ``env://`` rendezvous),
+Ray Train initialises ``torch.distributed`` itself before calling the training
+function. :func:`init_mesh` accepts both; reading those launcher variables is
+the rendezvous protocol, not a ferrytune setting.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ferrytune.errors import ConfigError, DistributedError
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_S = 300
+COLLECTIVE_TIMEOUT_S = 300  # a rank that waits this long on a peer gives up (the default for init_mesh)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class Mesh:
     rank: int = 0
     data: int = 1
     perturbation: int = 1
+    owns_group: bool = False  # init_mesh created the process group (and shutdown destroys it)
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # also bounds the groups made later (new_side_group)
 
     @property
     def dp_rank(self) -> int:
@@ -49,48 +57,98 @@ class Mesh:
         return self.world_size > 1
 
 
-def init_mesh(parallel_cfg, *, device: str) -> Mesh:
-    """Join the process group torchrun (or Ray) set up through the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def init_mesh(parallel_cfg, *, device: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Mesh:
+    """Join (or adopt) the process group of this launch and check it matches ``parallel.*``.
+
+    An already initialised ``torch.distributed`` group (Ray Train, a test harness)
+    is adopted as is: rank and world size are read from it. Otherwise the
+    launcher's environment decides (torchrun); a plain ``python`` start is rank 0
+    of 1. ``timeout_s`` bounds every collective, so the survivors of a dead rank
+    fail instead of hanging.
+    """
     want = parallel_cfg.data * parallel_cfg.perturbation
+    if dist.is_available() and dist.is_initialized():
+        world, rank, owns = dist.get_world_size(), dist.get_rank(), False
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        owns = world > 1
     if world != want:
         raise ConfigError(
             f"parallel.data x parallel.perturbation = {parallel_cfg.data} x {parallel_cfg.perturbation} = {want} "
             f"but {world} process(es) were started; launch with torchrun --nproc-per-node {want} or change parallel.*")
-    if world > 1 and not dist.is_initialized():
+    if owns:
         backend = parallel_cfg.backend
         if backend == "auto":
             backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    return Mesh(world, rank, parallel_cfg.data, parallel_cfg.perturbation)
-
-
-def all_reduce_sum_(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    if mesh.distributed:
         try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        except RuntimeError as e:
-            raise DistributedError(f"rank {mesh.rank}: all_reduce failed ({str(e).splitlines()[0]}); "
-                                   "another rank probably died — see its log") from e
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:
+            raise DistributedError(f"rank {rank}: could not join the process group ({_first_line(e)}); "
+                                   "check MASTER_ADDR/MASTER_PORT or the torchrun rendezvous") from e
+    return Mesh(world, rank, parallel_cfg.data, parallel_cfg.perturbation, owns, timeout_s)
+
+
+def new_side_group(mesh: Mesh):
+    """A second group over all ranks, for collectives issued from a background thread.
+
+    Collectives of one group must be issued in the same order on every rank;
+    a thread of its own (the streamer's ferry thread) therefore needs a group of
+    its own, so that its all-gathers never interleave with the main thread's
+    all-reduces. Every rank must call this at the same point (it is collective).
+    """
+    if not mesh.distributed:
+        return None
+    return dist.new_group(ranks=list(range(mesh.world_size)), timeout=timedelta(seconds=mesh.collective_timeout_s))
+
+
+def all_reduce_sum_(t: torch.Tensor, mesh: Mesh, *, group=None) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (a no-op on one process)."""
+    if mesh.distributed:
+        _guard(mesh, "all_reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
     return t
+
+
+def all_gather_tensor(t: torch.Tensor, mesh: Mesh, *, group=None) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape and dtype on all ranks), indexed by rank."""
+    if not mesh.distributed:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(mesh.world_size)]
+    _guard(mesh, "all_gather", lambda: dist.all_gather(out, t, group=group))
+    return out
 
 
 def broadcast_object(obj, mesh: Mesh):
     if not mesh.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _guard(mesh, "broadcast", lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
 
 
 def barrier(mesh: Mesh) -> None:
     if mesh.distributed:
-        dist.barrier()
+        _guard(mesh, "barrier", dist.barrier)
 
 
 def shutdown(mesh: Mesh) -> None:
-    if mesh.distributed and dist.is_initialized():
+    """Leave the process group, if this process created it (Ray Train tears down its own)."""
+    if mesh.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _guard(mesh: Mesh, what: str, fn) -> None:
+    # gloo reports a dead peer as a RuntimeError (connection reset, or the timeout);
+    # turn it into one line that tells the user where to look.
+    try:
+        fn()
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise DistributedError(f"rank {mesh.rank}: {what} failed ({_first_line(e)}); "
+                               "another rank probably died or timed out — see its log") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
