@@ -16,6 +16,7 @@ a different world size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +51,12 @@ def lora_spec(cfg) -> LoraSpec:
     return LoraSpec(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
                     rank_pattern=dict(lc.rank_pattern), alpha_pattern=dict(lc.alpha_pattern),
                     use_rslora=lc.use_rslora)
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """A 63-bit RNG seed for one micro-batch of one step."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class LoraTrainer:
@@ -88,7 +95,9 @@ class LoraTrainer:
             self.spec = lora_spec(cfg)
             self.adapter = Adapter.create(find_targets(model, self.spec), self.spec, seed=cfg.train.seed)
         self.adapter.to(rt.device)
-        self.adapter.train()
+        # Train mode as with PEFT: adapter dropout follows the hooked module's flag (and so does any
+        # dropout the base architecture has); evaluation switches to eval mode.
+        model.train()
         self.handle = attach(model, [self.adapter])
         self.params = [p for p in self.adapter.parameters()]
         self.optim = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -114,9 +123,13 @@ class LoraTrainer:
         micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
         self.optim.zero_grad(set_to_none=False)
         loss_sum = torch.zeros(1, dtype=torch.float64)
+        world, rank = self.mesh.data, self.mesh.dp_rank
         self.engine.begin_step(len(micro))
         try:
-            for mb in micro:
+            for i, mb in enumerate(micro):
+                # Dropout masks depend on (seed, step, global micro-batch) only: identical on any
+                # number of ranks and after a resume.
+                torch.manual_seed(micro_seed(t.seed, step, i * world + rank))
                 b = mb.to(dev)
                 logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
                 per = loss_per_sample(logits, b)  # (B,)
@@ -198,7 +211,7 @@ class LoraTrainer:
         examples = self.eval_examples[:n] if n else self.eval_examples
         mb = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
         totals = torch.zeros(3, dtype=torch.float64)
-        self.adapter.eval()
+        self.rt.layout.model.eval()
         chunks = list(eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data))
         with torch.no_grad():
             for chunk in chunks:
@@ -212,7 +225,7 @@ class LoraTrainer:
                 self.engine.end_step()
                 totals += torch.tensor([float(loss_per_sample(logits, b).sum()),
                                         float(correct_per_sample(logits, b).sum()), b.batch_size], dtype=torch.float64)
-        self.adapter.train()
+        self.rt.layout.model.train()
         all_reduce_sum_(totals, self.mesh)
         res = {f"{prefix}loss": totals[0].item() / totals[2].item(),
                f"{prefix}accuracy": totals[1].item() / totals[2].item(), f"{prefix}samples": int(totals[2])}

@@ -36,9 +36,12 @@ def train_command(args) -> int:
         from ferrytune.parallel._ray import run_on_ray
 
         return run_on_ray(cfg, address=args.address)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from ferrytune.launch.train import run
 
-    result = run(cfg, progress=not args.no_progress)
+    with logging_redirect_tqdm():  # step lines print above the progress bar, not through it
+        result = run(cfg, progress=not args.no_progress)
     if result is not None:
         print(f"final model: {result.final_dir}")
     return 0

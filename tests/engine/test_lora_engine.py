@@ -73,7 +73,8 @@ def test_loss_and_grads_match_peft(tiny_models, cfg_factory, arch):
     tr = LoraTrainer(cfg)
     tr.setup()
     try:
-        peft_model = _peft_model(path, tr)
+        tr.rt.layout.model.eval()  # parity without base dropout (GPT-2 has resid_pdrop)
+        peft_model = _peft_model(path, tr).eval()
         (batch,) = pad_positions(tr.batcher.batches_for_step(0, pad_id=pad_id_for(tr.tokenizer))[:1])
         from ferrytune.data import gather_positions, loss_per_sample
 
@@ -113,7 +114,7 @@ def test_saved_adapter_loads_in_peft_with_same_logits(tiny_models, cfg_factory):
         ids = torch.tensor([[5, 9, 12, 40, 7, 3]])
         mask = torch.ones_like(ids)
         pos = torch.arange(6).unsqueeze(0)
-        tr.adapter.eval()
+        tr.rt.layout.model.eval()
         with torch.no_grad():
             tr.engine.begin_step(1, backward=False)
             ours = tr.engine.forward(ids, mask, pos)
