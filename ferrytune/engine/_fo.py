@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ferrytune.engine._units import UnitInterceptor
+from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
 from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload._stream import BlockStreamer
 
@@ -46,6 +46,10 @@ class FOEngine:
         self.interceptor.handler = self._call_unit
         self.interceptor.install()
         self._outer: torch.Tensor | None = None
+        # Without autograd, units may run once per slice of ``chunk_rows`` rows, each slice
+        # inside ``chunk_context(i)`` (zo on LoRA: one perturbed adapter per slice).
+        self.chunk_rows: int | None = None
+        self.chunk_context: Callable[[int], Any] | None = None
 
     # --------------------------------------------------------------- passes
     def begin_step(self, num_micro: int, *, backward: bool = True) -> None:
@@ -72,17 +76,11 @@ class FOEngine:
 
     # ------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # no backward: fetch, run (per slice), release
+            return self._run_no_grad(unit, orig, args, kwargs)
         if unit.block_id == OUTER:
             return orig(*args, **kwargs)
         hidden, rest = args[0], args[1:]
-        if not torch.is_grad_enabled():  # evaluation: fetch, run, release
-            flat = self.streamer.acquire(unit.block_id)
-            _bind_block(self.layout, unit.block_id, flat)
-            try:
-                return orig(hidden, *rest, **kwargs)
-            finally:
-                _bind_block(self.layout, unit.block_id, None)
-                self.streamer.release(unit.block_id, dirty=False)
         if not hidden.requires_grad:
             # The first layer's input comes from a frozen embedding; the adapters inside still
             # need a graph, so hand the function a leaf that requires grad (its grad is dropped).
@@ -91,6 +89,25 @@ class FOEngine:
         main = _StreamedLayer.apply(self, unit, orig, rest, kwargs, box, hidden)
         extra = box.get("extra")
         return main if extra is None else (main, *extra)
+
+    def _run_no_grad(self, unit: Unit, orig: Callable, args: tuple, kwargs: dict) -> Any:
+        layer = unit.block_id != OUTER
+        if layer:
+            _bind_block(self.layout, unit.block_id, self.streamer.acquire(unit.block_id))
+        try:
+            if self.chunk_rows is None:
+                return orig(*args, **kwargs)
+            n_total = _rows(args)
+            outs = []
+            for i, start in enumerate(range(0, n_total, self.chunk_rows)):
+                a, kw = slice_rows((args, kwargs), n_total, start, start + self.chunk_rows)
+                with self.chunk_context(i):
+                    outs.append(orig(*a, **kw))
+            return cat_rows(outs, [self.chunk_rows] * len(outs))
+        finally:
+            if layer:
+                _bind_block(self.layout, unit.block_id, None)
+                self.streamer.release(unit.block_id, dirty=False)
 
     def run_layer(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
         flat = self.streamer.acquire(unit.block_id)
@@ -141,6 +158,11 @@ class _StreamedLayer(torch.autograd.Function):
 def _bind_block(layout: ModelLayout, block_id: str, flat: torch.Tensor | None) -> None:
     for p in layout.blocks[block_id].params:
         bind(p, None if flat is None else _view(flat, p))
+
+
+def _rows(args: tuple) -> int:
+    first = args[0]
+    return first.shape[0] if isinstance(first, torch.Tensor) else 1
 
 
 def _view(flat: torch.Tensor, p: ParamSpec) -> torch.Tensor:

@@ -242,7 +242,7 @@ class LoraTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_peft(self.adapter, tmp / ADAPTER_DIR, base_model_name_or_path=str(self.cfg.model.path), spec=self.spec)
-        torch.save(self.optim.state_dict(), tmp / OPTIM_NAME)
+        self._save_optimizer(tmp)
         write_atomic_json(tmp / "trainer_state.json", {"method": "lora", "step": step, "seed": self.cfg.train.seed,
                                                         "world_size": self.mesh.world_size})
         _fsync_dir(tmp)
@@ -253,6 +253,9 @@ class LoraTrainer:
         prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
         logger.info("saved %s", dest)
         return dest
+
+    def _save_optimizer(self, folder: Path) -> None:
+        torch.save(self.optim.state_dict(), folder / OPTIM_NAME)
 
     def close(self) -> None:
         self.handle.remove()

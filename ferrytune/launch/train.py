@@ -29,7 +29,9 @@ def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None
     check_device(cfg)
     mesh = init_mesh(cfg.parallel, device=cfg.device, timeout_s=collective_timeout_s or COLLECTIVE_TIMEOUT_S)
     try:
-        if cfg.method == "zo":
+        if cfg.method == "zo" and cfg.zo.trainable == "lora":
+            from ferrytune.engine._zo_lora_trainer import ZOLoraTrainer as Trainer
+        elif cfg.method == "zo":
             from ferrytune.engine._zo_trainer import ZOTrainer as Trainer
         else:
             from ferrytune.engine._lora_trainer import LoraTrainer as Trainer

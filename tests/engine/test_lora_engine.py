@@ -135,3 +135,60 @@ def test_lora_resume_equals_uninterrupted(tiny_models, cfg_factory):
     a = load_file(f"{full.output_dir}/final/adapter_model.safetensors")
     b = load_file(f"{part.output_dir}/final/adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zo_on_lora_equals_plain_mezo_lora_loop(tiny_models, cfg_factory):
+    """zo.trainable: lora = MeZO's loop over the adapter's parameters on a resident model."""
+    from ferrytune.data import Batcher, load_examples, load_tokenizer
+    from ferrytune.kernels import PerturbKey, perturbation
+    from ferrytune.lora import Adapter, LoraSpec, attach, find_targets
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg = cfg_factory(path, zo={"trainable": "lora", "eps": 1e-2, "num_perturbations": 2},
+                      train={"steps": 3, "lr": 1e-2}, lora=lora, data={"eval": None}, offload={"tier": "nvme"})
+    res = run(cfg, progress=False)
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    spec = LoraSpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    adapter = Adapter.create(find_targets(model, spec), spec, seed=cfg.train.seed)
+    attach(model, [adapter])
+    theta = [p for pth in adapter.paths for p in (adapter.a(pth), adapter.b(pth))]
+    tok = load_tokenizer(path)
+    train, _ = load_examples(cfg.data, tok)
+    batcher = Batcher(train, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    eps, lr, q = 1e-2, 1e-2, 2
+    losses = []
+
+    def loss_of(b):
+        h = model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        idx = b.loss_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        return float(loss_per_sample(model.get_output_embeddings()(torch.gather(h, 1, idx)), b).sum()) / b.batch_size
+
+    from ferrytune.data import loss_per_sample
+    with torch.no_grad():
+        for step in range(3):
+            (b,) = pad_positions(batcher.batches_for_step(step, pad_id=pad_id_for(tok)))
+            z = lambda k, i, p: perturbation(PerturbKey(cfg.train.seed, step, k, i), p.shape)  # noqa: E731
+            grads = []
+            for k in range(q):
+                for i, p in enumerate(theta):
+                    p.add_(z(k, i, p), alpha=eps)
+                lp = loss_of(b)
+                for i, p in enumerate(theta):
+                    p.add_(z(k, i, p), alpha=-2 * eps)
+                lm = loss_of(b)
+                for i, p in enumerate(theta):
+                    p.add_(z(k, i, p), alpha=eps)
+                grads.append((lp - lm) / (2 * eps))
+                if k == 0:
+                    losses.append((lp + lm) / 2)
+            for i, p in enumerate(theta):
+                for k, g in enumerate(grads):
+                    p.add_(z(k, i, p), alpha=-lr * g / q)
+    assert res.losses == losses
+    got = load_file(f"{cfg.output_dir}/final/adapter_model.safetensors")
+    for pth in adapter.paths:
+        assert torch.equal(got[peft_key(pth, "lora_A")], adapter.a(pth))
+        assert torch.equal(got[peft_key(pth, "lora_B")], adapter.b(pth))

@@ -1,0 +1,162 @@
+"""``method: zo`` with ``zo.trainable: lora`` — MeZO on the LoRA parameters (MeZO-LoRA).
+
+The base is streamed read-only (as for first-order LoRA); only the adapter is
+perturbed. All perturbed versions of the adapter are computed up front — with
+the in-place arithmetic of MeZO's loop (``+εz, -2εz, +εz``) done on copies, so
+the numbers are the loop's — and loaded into one adapter per stream ``(k, ±)``.
+One streamed pass then runs every stream: each unit runs once per stream slice
+of the batch, with that stream's adapter routed to it. So the base is read once
+per micro-batch for all 2q forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ferrytune.data import Batcher, loss_per_sample
+from ferrytune.engine._checkpoint import read_state
+from ferrytune.engine._lora_trainer import ADAPTER_DIR, LoraTrainer
+from ferrytune.engine._metrics import device_metrics, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._schedule import lr_at
+from ferrytune.engine._zo_trainer import TrainResult, _progress, grads_from, pad_positions, streams_for
+from ferrytune.errors import CheckpointError
+from ferrytune.kernels import PerturbKey, perturbation
+from ferrytune.lora import Adapter, Router, attach
+from ferrytune.parallel._mesh import all_reduce_sum_
+
+logger = logging.getLogger(__name__)
+
+MOMENTUM_NAME = "zo_momentum.pt"
+
+
+class ZOLoraTrainer(LoraTrainer):
+    """Shares set-up, evaluation and checkpoints with :class:`LoraTrainer`; replaces the step."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rt.layout.model.eval()  # ZO runs without dropout, like MeZO
+        self.handle.remove()  # the trained adapter is not run directly: stream copies are
+        self.theta = [p for path in self.adapter.paths for p in (self.adapter.a(path), self.adapter.b(path))]
+        for p in self.theta:
+            p.requires_grad_(False)
+        self.streams = streams_for(self.cfg.zo.num_perturbations, self.mesh)
+        self.stream_adapters = [Adapter(self.adapter.targets, self.spec, device=self.rt.device)
+                                for _ in self.streams]
+        self.router = Router()
+        self.stream_handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)
+        self.momentum = None
+        if self.cfg.zo.momentum > 0:
+            self.momentum = [torch.zeros_like(p) for p in self.theta]
+            if self.ckpt is not None and (self.ckpt / MOMENTUM_NAME).exists():
+                for m, v in zip(self.momentum, torch.load(self.ckpt / MOMENTUM_NAME)):
+                    m.copy_(v)
+
+    def _eval_handle(self):
+        return attach(self.rt.layout.model, [self.adapter])
+
+    # ----------------------------------------------------------------- step
+    def train_step(self, step: int) -> float:
+        cfg, t, z_cfg = self.cfg, self.cfg.train, self.cfg.zo
+        q, eps, dev = z_cfg.num_perturbations, z_cfg.eps, self.rt.device
+        micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
+        B, M = micro[0].batch_size, self.batcher.num_micro_batches
+        values, restored = self._perturbed_values(step)
+        with torch.no_grad():
+            for adapter, stream in zip(self.stream_adapters, self.streams):
+                for dst, src in zip(_params(adapter), values[stream]):
+                    dst.copy_(src)
+        table = torch.zeros(2 * q, M, dtype=torch.float64)
+        S = len(self.streams)
+        self.engine.chunk_rows = B
+        self.engine.chunk_context = lambda i: self.router.route([(i, 0, B)])
+        try:
+            with torch.no_grad():
+                for i, mb in enumerate(micro):
+                    gi = i * self.mesh.data + self.mesh.dp_rank
+                    b = mb.to(dev)
+                    self.engine.begin_step(1, backward=False)
+                    try:
+                        logits = self.engine.forward(b.input_ids.repeat(S, 1), b.attention_mask.repeat(S, 1),
+                                                     b.loss_positions.repeat(S, 1))
+                    except BaseException:
+                        self.engine.end_step(failed=True)
+                        raise
+                    self.engine.end_step()
+                    for s, (k, sign) in enumerate(self.streams):
+                        per = loss_per_sample(logits[s * B:(s + 1) * B], b)
+                        table[2 * k + (0 if sign == 1 else 1), gi] = float(per.sum())
+        finally:
+            self.engine.chunk_rows = self.engine.chunk_context = None
+        all_reduce_sum_(table, self.mesh)
+        grads, loss = grads_from(table, eps=eps, rows_total=t.batch_size)
+        if not all(math.isfinite(g) for g in grads):
+            raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
+        self._update(step, grads, restored, lr_at(step, t))
+        return loss
+
+    def _perturbed_values(self, step: int) -> tuple[dict, list[torch.Tensor]]:
+        z_cfg = self.cfg.zo
+        base = [p.detach().clone() for p in self.theta]
+        values = {}
+        for k in range(z_cfg.num_perturbations):
+            zs = self._z(step, k)
+            plus = [b.clone().add_(z, alpha=z_cfg.eps) for b, z in zip(base, zs)]
+            minus = [p.clone().add_(z, alpha=-2 * z_cfg.eps) for p, z in zip(plus, zs)]
+            base = [m.clone().add_(z, alpha=z_cfg.eps) for m, z in zip(minus, zs)]
+            values[(k, 1)], values[(k, -1)] = plus, minus
+        return values, base
+
+    def _z(self, step: int, k: int) -> list[torch.Tensor]:
+        return [perturbation(PerturbKey(self.cfg.train.seed, step, k, i), p.shape,
+                             dist=self.cfg.zo.distribution, device=self.rt.device)
+                for i, p in enumerate(self.theta)]
+
+    def _update(self, step: int, grads: list[float], restored: list[torch.Tensor], lr: float) -> None:
+        z_cfg, wd = self.cfg.zo, self.cfg.train.weight_decay
+        q = len(grads)
+        zs = [self._z(step, k) for k in range(q)]
+        with torch.no_grad():
+            for i, p in enumerate(self.theta):
+                p.copy_(restored[i])
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                if z_cfg.update == "sgd" and self.momentum is None:
+                    for k, g in enumerate(grads):
+                        p.add_(zs[k][i], alpha=-lr * g / q)
+                    continue
+                d = torch.zeros_like(p)
+                for k, g in enumerate(grads):
+                    d.add_(zs[k][i], alpha=g / q)
+                if self.momentum is not None:
+                    d = self.momentum[i].mul_(z_cfg.momentum).add_(d)
+                p.add_(torch.sign(d) if z_cfg.update == "sign" else d, alpha=-lr)
+
+    # ------------------------------------------------------ eval, checkpoint
+    def evaluate(self, *, prefix: str = "") -> dict:
+        self.stream_handle.remove()
+        handle = self._eval_handle()
+        try:
+            return super().evaluate(prefix=prefix)
+        finally:
+            handle.remove()
+            self.rt.layout.model.eval()
+            self.stream_handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)
+
+    def _save_optimizer(self, folder: Path) -> None:
+        if self.momentum is not None:
+            torch.save(self.momentum, folder / MOMENTUM_NAME)
+
+    def close(self) -> None:
+        self.stream_handle.remove()
+        self.engine.close()
+        self.rt.streamer.close()
+
+
+def _params(adapter: Adapter) -> list[torch.nn.Parameter]:
+    return [p for path in adapter.paths for p in (adapter.a(path), adapter.b(path))]
