@@ -1,0 +1,48 @@
+"""Datasets, prompt templates and verbalizers, deterministic resumable batching.
+
+Pipeline: ``load_jsonl`` (validate rows) -> ``encode`` (tokens, loss positions)
+-> ``Batcher.batches_for_step`` (micro-batches of step s) -> model ->
+``gather_positions`` -> ``loss_per_sample`` / ``correct_per_sample``.
+``load_examples(cfg.data, tokenizer)`` runs the first two steps from a config.
+"""
+
+from pathlib import Path
+
+from ferrytune.data._batch import Batch, collate, correct_per_sample, gather_positions, loss_per_sample
+from ferrytune.data._batcher import Batcher, eval_batches, shard
+from ferrytune.data._encode import Example, encode, load_examples, load_tokenizer, pad_id_for, verbalizer_token_ids
+from ferrytune.data._jsonl import ClassificationRow, CompletionRow, Dataset, load_jsonl
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+"""Packaged demo data: ``train.jsonl`` (200 rows) and ``dev.jsonl`` (100 rows) of rt-polarity."""
+
+
+def demo_data_path(split: str) -> Path:
+    """Path of the packaged rt-polarity demo split: ``"train"`` or ``"dev"``."""
+    if split not in ("train", "dev"):
+        raise ValueError(f"split must be 'train' or 'dev' (got {split!r})")
+    return DEMO_DIR / f"{split}.jsonl"
+
+
+__all__ = [
+    "Batch",
+    "Batcher",
+    "ClassificationRow",
+    "CompletionRow",
+    "DEMO_DIR",
+    "Dataset",
+    "Example",
+    "collate",
+    "correct_per_sample",
+    "demo_data_path",
+    "encode",
+    "eval_batches",
+    "gather_positions",
+    "load_examples",
+    "load_jsonl",
+    "load_tokenizer",
+    "loss_per_sample",
+    "pad_id_for",
+    "shard",
+    "verbalizer_token_ids",
+]
