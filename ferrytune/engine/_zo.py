@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
-from ferrytune.kernels import PerturbKey, perturbation, stochastic_round_
+from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
 from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload._stream import BlockStreamer
 
@@ -92,9 +92,6 @@ class ZOEngine:
             for p in u.params:
                 units_of.setdefault(p.param_id, set()).add(u.name)
         self._shared = {pid for pid, us in units_of.items() if len(us) > 1}
-        max_numel = max(b.numel for b in layout.blocks.values())
-        self._zbuf = torch.empty(max_numel, dtype=torch.float32, device=self.device)
-        self._dbuf: torch.Tensor | None = None
         self._pass: _PassState | None = None
 
     # ------------------------------------------------------------- one pass
@@ -170,10 +167,8 @@ class ZOEngine:
             for p in self.layout.blocks[b].params:
                 v = _view(flat, p)
                 for k in range(self.h.num_perturbations):
-                    z = perturbation(PerturbKey(self.h.seed, step, k, p.param_id), p.shape,
-                                     dist=self.h.distribution, device=self.device)
                     for alpha in (self.h.eps, -2 * self.h.eps, self.h.eps):
-                        v.add_(z, alpha=alpha)
+                        self._perturb(v, step, k, p, alpha)
             self.streamer.release(b, dirty=True)
         self.streamer.finish_pass()
         if momentum:
@@ -212,11 +207,10 @@ class ZOEngine:
             shared = [p for p in unit.params if p.param_id in self._shared]
             by_stream: dict[tuple[int, int, int], Any] = {}
             for k in sorted({s[0] for s in ps.streams}):
-                z = self._fill_z(own, ps.step, k, flat) if own else None
                 shared_vals = {p.param_id: self._shared_values(p, flat, ps.step, k) for p in shared}
                 for sign, alpha in ((1, self.h.eps), (-1, -2 * self.h.eps)):
                     for p in own:
-                        _view(flat, p).add_(_view(z, p), alpha=alpha)
+                        self._perturb(_view(flat, p), ps.step, k, p, alpha)
                     if (k, sign) in ps.streams:
                         for p in shared:
                             bind(p, shared_vals[p.param_id][sign])
@@ -226,7 +220,7 @@ class ZOEngine:
                             a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
                 for p in own:
-                    _view(flat, p).add_(_view(z, p), alpha=self.h.eps)
+                    self._perturb(_view(flat, p), ps.step, k, p, self.h.eps)
             for p in shared:
                 bind(p, _view(flat, p))
             outs = [by_stream[(k, sign, m)] for k, sign in ps.streams for m in range(ps.num_micro)]
@@ -235,22 +229,20 @@ class ZOEngine:
             self._close_block(unit.block_id)
         return result
 
-    def _fill_z(self, params: list[ParamSpec], step: int, k: int, flat: torch.Tensor) -> torch.Tensor:
-        """z_k of every listed parameter, at the parameters' offsets in a scratch buffer."""
-        for p in params:
-            key = PerturbKey(self.h.seed, step, k, p.param_id)
-            _view(self._zbuf, p).copy_(perturbation(key, p.shape, dist=self.h.distribution, device=self.device))
-        return self._zbuf
+    def _perturb(self, v: torch.Tensor, step: int, k: int, p: ParamSpec, alpha: float) -> None:
+        """``v += alpha * z_k`` with z regenerated in the same fused pass (no z buffer is kept)."""
+        add_perturbation_(v, PerturbKey(self.h.seed, step, k, p.param_id), alpha=alpha, dist=self.h.distribution)
 
     def _shared_values(self, p: ParamSpec, flat: torch.Tensor, step: int, k: int) -> dict[int, torch.Tensor]:
         cache = self._pass.shared_cache
         if (p.param_id, k) not in cache:
             base = self._pass.shared_restored.get(p.param_id, _view(flat, p))
-            z = perturbation(PerturbKey(self.h.seed, step, k, p.param_id), p.shape,
-                             dist=self.h.distribution, device=self.device)
-            plus = base.clone().add_(z, alpha=self.h.eps)
-            minus = plus.clone().add_(z, alpha=-2 * self.h.eps)
-            restored = minus.clone().add_(z, alpha=self.h.eps)
+            plus = base.clone()
+            self._perturb(plus, step, k, p, self.h.eps)
+            minus = plus.clone()
+            self._perturb(minus, step, k, p, -2 * self.h.eps)
+            restored = minus.clone()
+            self._perturb(restored, step, k, p, self.h.eps)
             cache[(p.param_id, k)] = {1: plus, -1: minus}
             self._pass.shared_restored[p.param_id] = restored
         return cache[(p.param_id, k)]
@@ -269,15 +261,11 @@ class ZOEngine:
                 v.mul_(1.0 - upd.lr * h.weight_decay)
             if h.update == "sgd" and mom is None:
                 for k, g in enumerate(upd.grads):
-                    z = perturbation(PerturbKey(h.seed, upd.step, k, p.param_id), p.shape,
-                                     dist=h.distribution, device=self.device)
-                    v.add_(z, alpha=-upd.lr * g / q)
+                    self._perturb(v, upd.step, k, p, -upd.lr * g / q)
             else:
                 d = torch.zeros(p.shape, dtype=torch.float32, device=self.device)
                 for k, g in enumerate(upd.grads):
-                    z = perturbation(PerturbKey(h.seed, upd.step, k, p.param_id), p.shape,
-                                     dist=h.distribution, device=self.device)
-                    d.add_(z, alpha=g / q)
+                    self._perturb(d, upd.step, k, p, g / q)
                 if mom is not None:
                     m = _view(mom, p)
                     m.mul_(h.momentum).add_(d)

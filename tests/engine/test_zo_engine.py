@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for
 from ferrytune.engine._zo_trainer import pad_positions
-from ferrytune.kernels import PerturbKey, perturbation
+from ferrytune.kernels import PerturbKey, add_perturbation_
 from ferrytune.launch.train import run
 
 
@@ -34,8 +34,8 @@ def _reference_mezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     batcher = Batcher(train, global_batch_size=t.batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
     q, eps = z_cfg.num_perturbations, z_cfg.eps
 
-    def z(step, k, i, p):
-        return perturbation(PerturbKey(t.seed, step, k, i), p.shape, dist=z_cfg.distribution)
+    def perturb(p, step, k, i, alpha):  # MeZO: regenerate z from the seed and add it in place
+        add_perturbation_(p, PerturbKey(t.seed, step, k, i), alpha=alpha, dist=z_cfg.distribution)
 
     def loss(batch) -> float:
         with torch.no_grad():
@@ -51,13 +51,13 @@ def _reference_mezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
             grads, step_loss = [], None
             for k in range(q):
                 for i, (_, p) in enumerate(params):
-                    p.add_(z(step, k, i, p), alpha=eps)
+                    perturb(p, step, k, i, eps)
                 lp = loss(batch)
                 for i, (_, p) in enumerate(params):
-                    p.add_(z(step, k, i, p), alpha=-2 * eps)
+                    perturb(p, step, k, i, -2 * eps)
                 lm = loss(batch)
                 for i, (_, p) in enumerate(params):
-                    p.add_(z(step, k, i, p), alpha=eps)
+                    perturb(p, step, k, i, eps)
                 grads.append((lp - lm) / (2 * eps))
                 if k == 0:
                     step_loss = (lp + lm) / 2
@@ -66,7 +66,7 @@ def _reference_mezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
                 if t.weight_decay and p.dim() >= 2:
                     p.mul_(1.0 - t.lr * t.weight_decay)
                 for k, g in enumerate(grads):
-                    p.add_(z(step, k, i, p), alpha=-t.lr * g / q)
+                    perturb(p, step, k, i, -t.lr * g / q)
     return {n: p.detach().clone() for n, p in params}, losses
 
 
