@@ -21,10 +21,10 @@ setup(
     ],
     extras_require={
         "lora": ["peft>=0.13"],
-        "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib"],
+        "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib", "sqlalchemy>=2.0"],
         "gpu": ["nvidia-ml-py", "triton"],  # NVML telemetry (imports as pynvml) and the CUDA kernels
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
-                 "matplotlib"],
+                 "matplotlib", "sqlalchemy>=2.0", "httpx"],
     },
     entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
 )

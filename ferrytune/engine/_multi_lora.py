@@ -23,25 +23,34 @@ the step logic.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from ferrytune.config import TrainConfig, TrainLoopConfig, config_from_dict
-from ferrytune.data import (Batcher, Example, collate, gather_positions, load_examples, load_tokenizer,
-                            loss_per_sample, pad_id_for)
+from ferrytune.config import TrainConfig, config_from_dict
+from ferrytune.data import (
+    Batcher,
+    Example,
+    collate,
+    gather_positions,
+    load_examples,
+    load_tokenizer,
+    loss_per_sample,
+    pad_id_for,
+)
+from ferrytune.engine._schedule import lr_at
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MultiLoraTrainer", "Packer", "lr_at", "CHECKPOINT_NAME"]
+__all__ = ["CHECKPOINT_NAME", "MultiLoraTrainer", "Packer"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_FORMAT = 1
@@ -52,18 +61,6 @@ Packer = Callable[[Sequence[int]], list[list[int]]]
 
 def _one_microbatch(lengths: Sequence[int]) -> list[list[int]]:
     return [list(range(len(lengths)))]
-
-
-def lr_at(train: TrainLoopConfig, step: int) -> float:
-    """The lr of optimizer step ``step`` (0-based): linear warmup, then constant/linear/cosine to 0."""
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    if train.lr_schedule == "constant":
-        return train.lr
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    if train.lr_schedule == "linear":
-        return train.lr * max(0.0, 1.0 - progress)
-    return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -93,7 +90,7 @@ class MultiLoraTrainer:
     """
 
     def __init__(self, base_path: str | os.PathLike, *, device: str | torch.device = "cpu", seed: int = 0,
-                 dtype: str = "float32", packer: Packer | None = None):
+                 dtype: str = "float32", packer: Packer | None = None, offload=None, store_dtype: str = "auto"):
         from transformers import AutoModelForCausalLM  # heavy import, only when a trainer is built
 
         self.base_path = os.fspath(base_path)
@@ -103,8 +100,21 @@ class MultiLoraTrainer:
         self._packer = packer or _one_microbatch
         self.tokenizer = load_tokenizer(self.base_path)
         self.pad_id = pad_id_for(self.tokenizer)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.base_path, dtype=getattr(torch, dtype), local_files_only=True).to(self.device)
+        self.engine = None
+        if offload is None:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.base_path, dtype=getattr(torch, dtype), local_files_only=True).to(self.device)
+        else:
+            # One streamed copy of the base serves every adapter: each block is read once per
+            # packed microbatch (and its backward), however many jobs share the step.
+            from ferrytune.engine._fo import FOEngine
+            from ferrytune.engine._runtime import build_base_runtime, weights_from
+
+            self.runtime = build_base_runtime(self.base_path, offload, device=str(self.device),
+                                              compute_dtype=dtype, store_dtype=store_dtype)
+            self.runtime.streamer.open(weights_from(self.base_path, self.runtime.layout))
+            self.engine = FOEngine(self.runtime.layout, self.runtime.streamer, device=self.device)
+            self.model = self.runtime.layout.model
         self.model.requires_grad_(False)
         self.model.train()  # as PEFT trains: LoRA dropout follows the base module's mode
         self.router = Router()
@@ -113,7 +123,10 @@ class MultiLoraTrainer:
 
     # ---- the base-model seam: the streamed engine replaces these two methods ----
     def _forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (B, T, C) of the frozen base, adapters applied by the hooks."""
+        """Last hidden states (B, T, C) of the frozen base, adapters applied by the hooks.
+
+        With a streamed base the same call runs through the engine's intercepted units.
+        """
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state  # (B, T, C)
 
@@ -238,6 +251,19 @@ class MultiLoraTrainer:
         input_ids = torch.cat([b.input_ids for _, _, b in batches])  # (B, T)
         attention_mask = torch.cat([b.attention_mask for _, _, b in batches])  # (B, T)
         sums: dict[int, float] = {}
+        if self.engine is not None:
+            self.engine.begin_step(1)  # streamed base: outer block held until after backward
+        try:
+            sums = self._packed_loss_backward(segments, batches, input_ids, attention_mask, active, sums)
+        except BaseException:
+            if self.engine is not None:
+                self.engine.end_step(failed=True)
+            raise
+        if self.engine is not None:
+            self.engine.end_step()
+        return sums
+
+    def _packed_loss_backward(self, segments, batches, input_ids, attention_mask, active, sums) -> dict[int, float]:
         with self.router.route(segments):  # open through backward: recompute needs the routing
             hidden = self._forward_hidden(input_ids, attention_mask)  # (B, T, C)
             loss = hidden.new_zeros((), dtype=torch.float32)
@@ -251,7 +277,7 @@ class MultiLoraTrainer:
 
     def _optimizer_step(self, job: _Job, loss_sum: float) -> dict[str, float]:
         train = job.cfg.train
-        lr = lr_at(train, job.step)
+        lr = lr_at(job.step, train)
         for group in job.optimizer.param_groups:
             group["lr"] = lr
         params = list(job.adapter.parameters())
@@ -303,7 +329,7 @@ class MultiLoraTrainer:
             job.step = int(state["step"])
         except CheckpointError:
             raise
-        except Exception as e:  # torch.load / load_state_dict raise many types
+        except Exception as e:  # noqa: BLE001 - torch.load / load_state_dict raise many types
             first = " ".join(str(e).split())[:300] or type(e).__name__
             raise CheckpointError(f"{path}: cannot resume from it: {first}") from None
         job.resumed_from = job.step

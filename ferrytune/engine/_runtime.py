@@ -55,6 +55,16 @@ def plan_for(cfg, layout: ModelLayout, *, compute: torch.dtype, store: torch.dty
         zero_copy=device.type == "cpu" and store == compute)
 
 
+def build_base_runtime(model_path: str, offload, *, device: str = "cpu", compute_dtype: str = "float32",
+                       store_dtype: str = "auto") -> Runtime:
+    """A streamed read-only base without a full training config (the multi-LoRA workers use it)."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(path=model_path, compute_dtype=compute_dtype, store_dtype=store_dtype,
+                            trust_remote_code=False)
+    return build_runtime(SimpleNamespace(model=model, offload=offload, device=device))
+
+
 def build_runtime(cfg, *, nvme_subdir: str | None = None, tier: str | None = None,
                   store_dtype: torch.dtype | None = None) -> Runtime:
     """Layout + plan + an unopened streamer for ``cfg`` (no weights read yet)."""

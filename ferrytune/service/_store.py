@@ -1,0 +1,357 @@
+"""The job store: tenants, jobs, their transitions, events and metrics, in a real database.
+
+SQLite (a file under the state dir) by default; any SQLAlchemy URL works, e.g.
+``postgresql+psycopg://user:pw@host/db`` (install the driver). Everything the service
+knows about a job lives here, so a restart of the service loses nothing: it re-reads
+the jobs and re-queues those that were running (they resume from their checkpoints).
+
+API tokens are never stored: a token is ``ftk_<key id>_<secret>``; the store keeps the
+key id, a random salt and ``sha256(salt + secret)``. Tokens are 256-bit random strings,
+so a salted fast hash is enough (a slow KDF protects low-entropy passwords, and would
+cost every request tens of milliseconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import sqlalchemy as sa
+
+from ferrytune.errors import FerrytuneError
+from ferrytune.service._states import JobState, check_transition
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TENANT_NAME_RE", "JobRecord", "JobStore", "NewJob", "TenantError", "TenantRecord"]
+
+TENANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_TOKEN_RE = re.compile(r"ftk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})")
+_SQLITE_BUSY_TIMEOUT_S = 30.0
+
+_meta = sa.MetaData()
+_tenants = sa.Table(
+    "tenants", _meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(12), nullable=False, unique=True),
+    sa.Column("salt", sa.String(32), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("weight", sa.Float, nullable=False, default=1.0),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+_jobs = sa.Table(
+    "jobs", _meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("tenant", sa.String(64), sa.ForeignKey("tenants.name"), nullable=False, index=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("base", sa.String(200), nullable=False),
+    sa.Column("dtype", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("step", sa.Integer, nullable=False, default=0),
+    sa.Column("max_steps", sa.Integer, nullable=False),
+    sa.Column("loss", sa.Float, nullable=True),
+    sa.Column("tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("spec_text", sa.Text, nullable=False),
+    sa.Column("config_json", sa.Text, nullable=False),
+    sa.Column("job_dir", sa.Text, nullable=False),
+    sa.Column("adapter_dir", sa.Text, nullable=False),
+    sa.Column("adapter_params", sa.BigInteger, nullable=False),
+    sa.Column("max_length", sa.Integer, nullable=False),
+    sa.Column("worker_id", sa.String(40), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+)
+_events = sa.Table(
+    "events", _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(40), nullable=False, index=True),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+_metrics = sa.Table(
+    "metrics", _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(40), nullable=False, index=True),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("loss", sa.Float, nullable=False),
+    sa.Column("lr", sa.Float, nullable=False),
+    sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+)
+
+
+class TenantError(FerrytuneError):
+    """A tenant name is invalid or already taken."""
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    name: str
+    weight: float
+    created_at: float
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the API hands the store for a new job (all validated already)."""
+
+    id: str
+    tenant: str
+    name: str
+    base: str
+    dtype: str
+    priority: int
+    max_steps: int
+    spec_text: str
+    config: dict
+    job_dir: str
+    adapter_dir: str
+    adapter_params: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    seq: int
+    id: str
+    tenant: str
+    name: str
+    base: str
+    dtype: str
+    priority: int
+    state: JobState
+    step: int
+    max_steps: int
+    loss: float | None
+    tokens: int
+    spec_text: str
+    config_json: str
+    job_dir: str
+    adapter_dir: str
+    adapter_params: int
+    max_length: int
+    worker_id: str | None
+    error: str | None
+    cancel_requested: bool
+    checkpoint_step: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
+
+    def public(self) -> dict[str, Any]:
+        """What a tenant may see of its own job (no server paths)."""
+        return {
+            "id": self.id, "name": self.name, "state": self.state.value, "step": self.step,
+            "max_steps": self.max_steps, "loss": self.loss, "tokens": self.tokens, "base": self.base,
+            "dtype": self.dtype, "priority": self.priority, "error": self.error,
+            "cancel_requested": self.cancel_requested, "checkpoint_step": self.checkpoint_step,
+            "created_at": self.created_at, "updated_at": self.updated_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+        }
+
+
+_JOB_FIELDS = [f.name for f in fields(JobRecord)]
+
+
+def _job(row: sa.Row) -> JobRecord:
+    values = dict(row._mapping)
+    values["state"] = JobState(values["state"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRecord(**{k: values[k] for k in _JOB_FIELDS})
+
+
+def new_job_id() -> str:
+    return "j-" + uuid.uuid4().hex[:16]
+
+
+class JobStore:
+    """Thread-safe (one SQLAlchemy engine, a connection per transaction)."""
+
+    def __init__(self, engine: sa.Engine):
+        self._engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> JobStore:
+        """Connect and create the tables that are missing."""
+        if url.startswith("sqlite"):
+            engine = sa.create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S})
+            _sqlite_immediate_transactions(engine)
+        else:
+            engine = sa.create_engine(url, pool_pre_ping=True)
+        _meta.create_all(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # ---- tenants ----
+    def add_tenant(self, name: str, *, weight: float = 1.0) -> str:
+        """Create a tenant; returns its API token (shown once, stored only hashed)."""
+        if not TENANT_NAME_RE.fullmatch(name):
+            raise TenantError(f"tenant name {name!r}: use 1-63 of a-z 0-9 _ - (starting with a letter or digit)")
+        if not weight > 0:
+            raise TenantError(f"--weight must be > 0 (got {weight})")
+        key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
+        with self._engine.begin() as conn:
+            if conn.execute(sa.select(_tenants.c.name).where(_tenants.c.name == name)).first():
+                raise TenantError(f"tenant {name!r} already exists")
+            conn.execute(_tenants.insert().values(
+                name=name, key_id=key_id, salt=salt, token_hash=_hash(salt, secret), weight=float(weight),
+                created_at=time.time()))
+        return f"ftk_{key_id}_{secret}"
+
+    def tenant_for_token(self, token: str) -> TenantRecord | None:
+        m = _TOKEN_RE.fullmatch(token.strip())
+        if m is None:
+            return None
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(_tenants).where(_tenants.c.key_id == m.group(1))).first()
+        if row is None or not hmac.compare_digest(row.token_hash, _hash(row.salt, m.group(2))):
+            return None
+        return TenantRecord(row.name, row.weight, row.created_at)
+
+    def tenants(self) -> list[TenantRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(_tenants).order_by(_tenants.c.name)).all()
+        return [TenantRecord(r.name, r.weight, r.created_at) for r in rows]
+
+    # ---- jobs ----
+    def create_job(self, new: NewJob) -> JobRecord:
+        now = time.time()
+        with self._engine.begin() as conn:
+            conn.execute(_jobs.insert().values(
+                id=new.id, tenant=new.tenant, name=new.name, base=new.base, dtype=new.dtype,
+                priority=new.priority, state=JobState.QUEUED.value, step=0, max_steps=new.max_steps,
+                tokens=0, spec_text=new.spec_text, config_json=json.dumps(new.config), job_dir=new.job_dir,
+                adapter_dir=new.adapter_dir, adapter_params=new.adapter_params, max_length=new.max_length,
+                cancel_requested=False, checkpoint_step=0, created_at=now, updated_at=now))
+            conn.execute(_events.insert().values(job_id=new.id, time=now, message="submitted: queued"))
+        return self.job(new.id)
+
+    def job(self, job_id: str, *, tenant: str | None = None) -> JobRecord | None:
+        """The job, or None when it does not exist or (with ``tenant``) belongs to someone else."""
+        query = sa.select(_jobs).where(_jobs.c.id == job_id)
+        if tenant is not None:
+            query = query.where(_jobs.c.tenant == tenant)
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _job(row)
+
+    def jobs(self, *, tenant: str | None = None, states: Iterable[JobState] | None = None) -> list[JobRecord]:
+        query = sa.select(_jobs).order_by(_jobs.c.seq)
+        if tenant is not None:
+            query = query.where(_jobs.c.tenant == tenant)
+        if states is not None:
+            query = query.where(_jobs.c.state.in_([s.value for s in states]))
+        with self._engine.connect() as conn:
+            return [_job(r) for r in conn.execute(query).all()]
+
+    def request_cancel(self, job_id: str, *, tenant: str) -> JobRecord | None:
+        """Flag the job for the controller to cancel; None if the tenant has no such job."""
+        with self._engine.begin() as conn:
+            done = conn.execute(_jobs.update().where(_jobs.c.id == job_id, _jobs.c.tenant == tenant).values(
+                cancel_requested=True, updated_at=time.time()))
+            if done.rowcount:
+                conn.execute(_events.insert().values(job_id=job_id, time=time.time(), message="cancel requested"))
+        return self.job(job_id, tenant=tenant)
+
+    def transition(self, job_id: str, old: JobState, new: JobState, *, reason: str, **values: Any) -> bool:
+        """Move the job from ``old`` to ``new`` (and set ``values``) if it is still in ``old``.
+
+        Returns False, changing nothing, when the job is no longer in ``old``. The reason is
+        kept as an event of the job.
+        """
+        check_transition(job_id, old, new)
+        now = time.time()
+        with self._engine.begin() as conn:
+            done = conn.execute(_jobs.update().where(_jobs.c.id == job_id, _jobs.c.state == old.value).values(
+                state=new.value, updated_at=now, **values))
+            if not done.rowcount:
+                return False
+            conn.execute(_events.insert().values(
+                job_id=job_id, time=now, message=f"{old.value} -> {new.value}: {reason}"))
+        return True
+
+    def update(self, job_id: str, **values: Any) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(_jobs.update().where(_jobs.c.id == job_id).values(updated_at=time.time(), **values))
+
+    def record_progress(self, job_id: str, *, step: int, checkpoint_step: int,
+                        metrics: list[dict[str, float]]) -> None:
+        """New metric rows of the job and its step, tokens and last loss, in one transaction."""
+        now = time.time()
+        with self._engine.begin() as conn:
+            values: dict[str, Any] = {"step": step, "checkpoint_step": checkpoint_step, "updated_at": now}
+            if metrics:
+                conn.execute(_metrics.insert(), [dict(job_id=job_id, **m) for m in metrics])
+                values["loss"] = metrics[-1]["loss"]
+                values["tokens"] = _jobs.c.tokens + sum(int(m["tokens"]) for m in metrics)
+            conn.execute(_jobs.update().where(_jobs.c.id == job_id).values(**values))
+
+    def add_event(self, job_id: str, message: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(_events.insert().values(job_id=job_id, time=time.time(), message=message))
+
+    def events(self, job_id: str) -> list[tuple[float, str]]:
+        query = sa.select(_events.c.time, _events.c.message).where(_events.c.job_id == job_id).order_by(_events.c.id)
+        with self._engine.connect() as conn:
+            return [(r.time, r.message) for r in conn.execute(query).all()]
+
+    def metrics(self, job_id: str) -> list[dict[str, float]]:
+        query = (sa.select(_metrics.c.step, _metrics.c.loss, _metrics.c.lr, _metrics.c.tokens, _metrics.c.time)
+                 .where(_metrics.c.job_id == job_id).order_by(_metrics.c.id))
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def tokens_by_tenant(self) -> dict[str, int]:
+        query = sa.select(_jobs.c.tenant, sa.func.sum(_jobs.c.tokens)).group_by(_jobs.c.tenant)
+        with self._engine.connect() as conn:
+            return {t: int(n or 0) for t, n in conn.execute(query).all()}
+
+
+def _hash(salt: str, secret: str) -> str:
+    return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
+
+
+def _sqlite_immediate_transactions(engine: sa.Engine) -> None:
+    """Make every SQLite transaction ``BEGIN IMMEDIATE``.
+
+    pysqlite begins transactions lazily (DEFERRED); two threads that both read and then
+    write can then fail with "database is locked" at once, whatever the busy timeout.
+    IMMEDIATE takes the write lock up front, so writers queue on the timeout instead.
+    WAL lets readers proceed beside the one writer.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
