@@ -46,12 +46,22 @@ def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None
 
 
 def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
-    from ferrytune.engine._zo_trainer import ZOTrainer
+    """Evaluate on ``data.eval``: full weights (an HF folder) or, for LoRA configs, a PEFT adapter."""
+    from ferrytune.errors import ConfigError
 
-    if checkpoint:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
-    cfg = cfg.model_copy(update={"resume": "never"})
-    trainer = ZOTrainer(cfg)
+    if not cfg.data.eval:
+        raise ConfigError("data.eval: set an evaluation file to run ferrytune eval")
+    lora = cfg.method == "lora" or cfg.zo.trainable == "lora"
+    if lora:
+        from ferrytune.engine._lora_trainer import LoraTrainer as Trainer
+        if checkpoint:  # a PEFT adapter folder on top of model.path
+            cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init_from": checkpoint})})
+    else:
+        from ferrytune.engine._zo_trainer import ZOTrainer as Trainer
+        if checkpoint:  # an HF model folder
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
+    cfg = cfg.model_copy(update={"resume": "never", "method": "lora" if lora else "zo"})
+    trainer = Trainer(cfg)
     trainer.setup()
     try:
         return trainer.evaluate()

@@ -127,3 +127,17 @@ def test_entry_point_exit_code(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("ferrytune: error:")
     assert "Traceback" not in r.stderr
+
+
+def test_eval_command_on_a_trained_adapter(tiny_models, tmp_path, capsys):
+    """`ferrytune eval --checkpoint final/` scores a LoRA run's PEFT adapter."""
+    from ferrytune.data import demo_data_path
+
+    cfg = _write_cfg(tmp_path, tiny_models("llama", layers=2, hidden=32), method="lora",
+                     data={"eval": str(demo_data_path("dev")), "eval_samples": 8},
+                     train={"lr": 1e-2}, lora={"rank": 2})
+    assert main(["train", cfg, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", cfg, "--checkpoint", str(tmp_path / "out" / "final")]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy=" in out and "samples=8" in out
