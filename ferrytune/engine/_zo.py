@@ -75,7 +75,7 @@ class ZOEngine:
 
     def __init__(self, layout: ModelLayout, streamer: BlockStreamer, hyper: ZOHyper, *,
                  device: torch.device, compute_dtype: torch.dtype, store_dtype: torch.dtype,
-                 state_streamer: BlockStreamer | None = None) -> None:
+                 state_streamer: BlockStreamer | None = None, z_cache_numel: int = 64 * 2**20) -> None:
         self.layout = layout
         self.streamer = streamer
         self.state_streamer = state_streamer  # momentum, same blocks, fp32
@@ -93,6 +93,10 @@ class ZOEngine:
                 units_of.setdefault(p.param_id, set()).add(u.name)
         self._shared = {pid for pid, us in units_of.items() if len(us) > 1}
         self._pass: _PassState | None = None
+        # εz of the unit computing, generated once and added three times (+1, -2, +1) instead of
+        # regenerated per addition; larger units fall back to the fused kernel. Same bits either way.
+        self.z_cache_numel = z_cache_numel
+        self._zc: torch.Tensor | None = None
 
     # ------------------------------------------------------------- one pass
     def run(self, step: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -208,9 +212,9 @@ class ZOEngine:
             by_stream: dict[tuple[int, int, int], Any] = {}
             for k in sorted({s[0] for s in ps.streams}):
                 shared_vals = {p.param_id: self._shared_values(p, flat, ps.step, k) for p in shared}
-                for sign, alpha in ((1, self.h.eps), (-1, -2 * self.h.eps)):
-                    for p in own:
-                        self._perturb(_view(flat, p), ps.step, k, p, alpha)
+                chain = _Chain(self, flat, own, ps.step, k)
+                for sign, mult in ((1, 1), (-1, -2)):
+                    chain.apply(mult)
                     if (k, sign) in ps.streams:
                         for p in shared:
                             bind(p, shared_vals[p.param_id][sign])
@@ -219,8 +223,7 @@ class ZOEngine:
                             c = i * ps.num_micro + m
                             a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
-                for p in own:
-                    self._perturb(_view(flat, p), ps.step, k, p, self.h.eps)
+                chain.apply(1)
             for p in shared:
                 bind(p, _view(flat, p))
             outs = [by_stream[(k, sign, m)] for k, sign in ps.streams for m in range(ps.num_micro)]
@@ -228,6 +231,14 @@ class ZOEngine:
         if is_layer:
             self._close_block(unit.block_id)
         return result
+
+    def _z_cache(self, numel: int) -> torch.Tensor | None:
+        """A reusable fp32 buffer for εz of one unit, or None when the unit exceeds ``z_cache_numel``."""
+        if numel > self.z_cache_numel:
+            return None
+        if self._zc is None or self._zc.numel() < numel:
+            self._zc = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._zc[:numel]
 
     def _perturb(self, v: torch.Tensor, step: int, k: int, p: ParamSpec, alpha: float) -> None:
         """``v += alpha * z_k`` with z regenerated in the same fused pass (no z buffer is kept)."""
@@ -281,6 +292,36 @@ class ZOEngine:
         if mom is not None:
             self.state_streamer.release(b, dirty=True)
         upd.done.add(b)
+
+
+class _Chain:
+    """MeZO's in-place ``+εz, -2εz, +εz`` on a unit's own parameters, one perturbation k.
+
+    With a z cache: ``εz`` is generated once per parameter (``fl(ε·z)``) and added with
+    multipliers 1, -2, 1 — exact power-of-two scalings of it — so every result is
+    bit-identical to the fused kernel's ``fl(p + fl(mult·ε·z))``.
+    """
+
+    def __init__(self, engine: "ZOEngine", flat: torch.Tensor, params: list[ParamSpec], step: int, k: int):
+        self.e, self.flat, self.params, self.step, self.k = engine, flat, params, step, k
+        self.cache = engine._z_cache(sum(p.numel for p in params))
+        if self.cache is not None:
+            off = 0
+            self.ez = []
+            for p in params:
+                ez = self.cache[off: off + p.numel].view(p.shape).zero_()
+                add_perturbation_(ez, PerturbKey(engine.h.seed, step, k, p.param_id), alpha=engine.h.eps,
+                                  dist=engine.h.distribution)  # 0 + fl(ε·z) = fl(ε·z) exactly
+                self.ez.append(ez)
+                off += p.numel
+
+    def apply(self, mult: int) -> None:
+        for i, p in enumerate(self.params):
+            v = _view(self.flat, p)
+            if self.cache is not None:
+                v.add_(self.ez[i], alpha=mult)
+            else:
+                self.e._perturb(v, self.step, self.k, p, mult * self.e.h.eps)
 
 
 @dataclass
