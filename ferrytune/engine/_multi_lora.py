@@ -121,7 +121,17 @@ class MultiLoraTrainer:
         self._jobs: dict[str, _Job] = {}
         self._handle = None
 
-    # ---- the base-model seam: the streamed engine replaces these two methods ----
+    def close(self) -> None:
+        """Release the streamed base (threads, direct-IO files) and the adapters' hooks."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.engine is not None:
+            self.engine.close()
+            self.runtime.streamer.close()
+            self.engine = None
+
+    # ---- the base forward: resident, or streamed through the engine's intercepted units ----
     def _forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states (B, T, C) of the frozen base, adapters applied by the hooks.
 

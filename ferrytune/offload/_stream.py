@@ -157,14 +157,18 @@ class BlockStreamer:
             else:
                 self._write_record(b, flat)
         del scratch
-        self._ferry = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-load")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
+        self._start_threads()
         self._lock = threading.Lock()
         self._pending_write: dict[str, Future] = {}
         self._in_use: dict[str, list[_Slot]] = {}
         self._opened = True
         self._order: list[str] = []
         self._pos = 0
+
+    def _start_threads(self) -> None:
+        # Two loaders: one block's O_DIRECT read overlaps the previous block's bf16 -> fp32 cast.
+        self._ferry = ThreadPoolExecutor(2, thread_name_prefix="ferrytune-load")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
 
     def _build_slots(self) -> None:
         plan = self.plan
