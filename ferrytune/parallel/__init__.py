@@ -9,8 +9,17 @@ See ``docs/distributed.md``.
 """
 
 from ferrytune.parallel._agreement import AgreementCheck, adapter_sample, disagreeing_ranks, zo_sample
-from ferrytune.parallel._mesh import (COLLECTIVE_TIMEOUT_S, Mesh, all_gather_tensor, all_reduce_sum_, barrier,
-                                      broadcast_object, init_mesh, new_side_group, shutdown)
+from ferrytune.parallel._mesh import (
+    COLLECTIVE_TIMEOUT_S,
+    Mesh,
+    all_gather_tensor,
+    all_reduce_sum_,
+    barrier,
+    broadcast_object,
+    init_mesh,
+    new_side_group,
+    shutdown,
+)
 from ferrytune.parallel._sliced import SlicedBlockStreamer, apply_sliced_loading
 
 
