@@ -73,7 +73,7 @@ class MetricsWriter:
                 self.path.unlink()
             elif self.path.exists():  # drop lines of steps after the checkpoint we resume from
                 keep = [ln for ln in self.path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) < start_step]
+                        if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
                 self.path.write_text("".join(k + "\n" for k in keep))
 
     def write(self, record: dict) -> None:

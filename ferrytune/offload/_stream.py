@@ -417,8 +417,17 @@ class BlockStreamer:
         self._in_use.clear()
 
     # ---------------------------------------------------------------- helpers
+    def _scratch_staging(self, b: str):
+        """A staging buffer to use between passes. Its slot forgets what it held: with zero copy
+        the staging bytes are the slot's working copy, and a later pass must not reuse them."""
+        slot = self._outer_slot if b == self.plan.outer_block else self._slots[0]
+        if slot.written is not None:
+            slot.written.result()
+        slot.holds = None
+        return slot.staging
+
     def _write_record(self, b: str, flat: torch.Tensor) -> None:
-        buf = self._outer_slot.staging if b == self.plan.outer_block else self._slots[0].staging
+        buf = self._scratch_staging(b)
         n = flat.numel()
         buf.tensor(self.store_dtype, n).copy_(flat)
         self._store.write(b, buf, n * _esize(self.store_dtype))
@@ -428,7 +437,7 @@ class BlockStreamer:
         """Copy block ``b``'s master (store dtype) into CPU tensor ``out``; only between passes."""
         tier = self.plan.home[b]
         if tier == Tier.NVME:
-            buf = self._outer_slot.staging if b == self.plan.outer_block else self._slots[0].staging
+            buf = self._scratch_staging(b)
             self._store.read(b, buf)
             out.copy_(buf.tensor(self.store_dtype, self.numel[b]))
         else:

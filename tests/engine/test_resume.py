@@ -66,3 +66,22 @@ def test_crash_during_checkpoint_keeps_previous(tiny_models, cfg_factory, monkey
     run(ref, progress=False)
     a, b = _weights(cfg.output_dir), _weights(ref.output_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_and_checkpoint_between_steps_do_not_change_training(tiny_models, cfg_factory):
+    """Reading masters for a checkpoint after an eval pass must not leave stale blocks in the slots."""
+    path = tiny_models("llama", layers=2, hidden=32)
+    base = dict(offload={"tier": "nvme", "prefetch_depth": 1}, data={"eval_samples": 8})
+    plain = cfg_factory(path, train={"steps": 4}, **base)
+    busy = cfg_factory(path, train={"steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2}, **base)
+    run(plain, progress=False)
+    run(busy, progress=False)
+    a, b = _weights(plain.output_dir), _weights(busy.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics of the checkpoint step survive a resume from it
+    lines = [json.loads(x) for x in open(f"{busy.output_dir}/metrics.jsonl")]
+    run(busy.model_copy(update={"resume": f"{busy.output_dir}/checkpoints/step-000002",
+                                "train": busy.train.model_copy(update={"steps": 4})}), progress=False)
+    after = [json.loads(x) for x in open(f"{busy.output_dir}/metrics.jsonl")]
+    assert [r["step"] for r in after if "loss" in r][:2] == [1, 2]
+    assert len([r for r in after if "loss" in r]) == len([r for r in lines if "loss" in r])
