@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -31,10 +29,11 @@ from ferrytune.data import loss_per_sample, pad_id_for
 from ferrytune.engine._checkpoint import (_fsync_dir, checkpoint_dir, prune_checkpoints, read_state,
                                           resolve_resume, write_atomic_json)
 from ferrytune.engine._fo import FOEngine
-from ferrytune.engine._metrics import MetricsWriter, device_metrics, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._loop import StepLoop, StepResult
+from ferrytune.engine._metrics import MetricsWriter
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
-from ferrytune.engine._zo_trainer import TrainResult, _progress, pad_positions
+from ferrytune.engine._zo_trainer import pad_positions
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, attach, find_targets, load_peft, save_peft
 from ferrytune.parallel import AgreementCheck, adapter_sample
@@ -59,8 +58,10 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class LoraTrainer:
-    """Owns the runtime, adapter, optimizer and loop of one ``method: lora`` run."""
+class LoraTrainer(StepLoop):
+    """Owns the runtime, adapter and optimizer of one ``method: lora`` run; the loop is :class:`StepLoop`'s."""
+
+    method = "lora"
 
     def __init__(self, cfg, *, mesh: Mesh = Mesh()) -> None:
         self.cfg = cfg
@@ -117,8 +118,8 @@ class LoraTrainer:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
     # ----------------------------------------------------------------- step
-    def train_step(self, step: int) -> float:
-        """One optimizer step; returns the global mean loss."""
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step over the global batch."""
         t, dev = self.cfg.train, self.rt.device
         micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
         self.optim.zero_grad(set_to_none=False)
@@ -147,7 +148,9 @@ class LoraTrainer:
         for g in self.optim.param_groups:
             g["lr"] = lr_at(step, t)
         self.optim.step()
-        return float(loss_sum) / t.batch_size
+        loss = float(loss_sum) / t.batch_size
+        self.agree.update(loss, lr_at(step, t))
+        return StepResult(loss, lr_at(step, t), sum(int(m.attention_mask.sum()) for m in micro))
 
     def _reduce_grads(self) -> None:
         if not self.mesh.distributed:
@@ -160,48 +163,12 @@ class LoraTrainer:
             p.grad.copy_(flat[off:off + n].view_as(p))
             off += n
 
-    def train(self, *, progress: bool = True) -> TrainResult:
-        t, mesh = self.cfg.train, self.mesh
-        losses = []
-        bar = _progress(t.steps, self.start_step, enabled=progress and mesh.is_main)
-        for step in range(self.start_step, t.steps):
-            t0 = time.perf_counter()
-            before = self.rt.streamer.stats.snapshot()
-            loss = self.train_step(step)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr")
-            self.agree.update(loss, lr_at(step, t))
-            if self.agree.due(step + 1) or step + 1 == t.steps:
-                self.agree.check(step + 1, sample=adapter_sample(self.params))
-            dt = time.perf_counter() - t0
-            tokens = sum(int(m.attention_mask.sum()) for m in self.batcher.batches_for_step(step, pad_id=self.pad_id))
-            rec = {"step": step + 1, "loss": loss, "lr": lr_at(step, t), "step_s": round(dt, 4),
-                   "tokens_per_s": tokens / dt, "host_rss_gib": round(host_rss_gib()[0], 4),
-                   "host_peak_rss_gib": round(host_rss_gib()[1], 4)}
-            rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
-            rec.update(device_metrics(self.rt.device))
-            losses.append(loss)
-            if (step + 1) % t.log_every_steps == 0:
-                self.metrics.write(rec)
-                if mesh.is_main:
-                    logger.info(format_line(rec))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            last = step + 1 == t.steps
-            if t.eval_every_steps and (step + 1) % t.eval_every_steps == 0 and not last:
-                self.metrics.write({"step": step + 1, **self.evaluate(prefix="eval_")})
-            if t.checkpoint_every_steps and (step + 1) % t.checkpoint_every_steps == 0 and not last:
-                self.save_checkpoint(step + 1)
-        if bar is not None:
-            bar.close()
-        ev = self.evaluate(prefix="eval_") if self.eval_examples else None
-        if ev:
-            self.metrics.write({"step": t.steps, **ev})
-        final = self.output_dir / "final"
-        if mesh.is_main:
+    def check_agreement(self, step: int) -> None:
+        self.agree.check(step, sample=adapter_sample(self.params))
+
+    def save_final(self, final: Path) -> None:
+        if self.mesh.is_main:
             save_peft(self.adapter, final, base_model_name_or_path=str(self.cfg.model.path), spec=self.spec)
-        return TrainResult(final, t.steps, losses, ev)
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:

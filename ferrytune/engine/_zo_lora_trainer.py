@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ferrytune.data import Batcher, loss_per_sample
-from ferrytune.engine._checkpoint import read_state
-from ferrytune.engine._lora_trainer import ADAPTER_DIR, LoraTrainer
-from ferrytune.engine._metrics import device_metrics, format_line, host_rss_gib, stream_delta
+from ferrytune.data import loss_per_sample
+from ferrytune.engine._lora_trainer import LoraTrainer
 from ferrytune.engine._schedule import lr_at
-from ferrytune.engine._zo_trainer import TrainResult, _progress, grads_from, pad_positions, streams_for
-from ferrytune.errors import CheckpointError
+from ferrytune.engine._loop import StepResult
+from ferrytune.engine._zo_trainer import grads_from, pad_positions, streams_for
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.lora import Adapter, Router, attach
 from ferrytune.parallel._mesh import all_reduce_sum_
@@ -61,8 +57,8 @@ class ZOLoraTrainer(LoraTrainer):
         return attach(self.rt.layout.model, [self.adapter])
 
     # ----------------------------------------------------------------- step
-    def train_step(self, step: int) -> float:
-        cfg, t, z_cfg = self.cfg, self.cfg.train, self.cfg.zo
+    def train_step(self, step: int) -> StepResult:
+        t, z_cfg = self.cfg.train, self.cfg.zo
         q, eps, dev = z_cfg.num_perturbations, z_cfg.eps, self.rt.device
         micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
         B, M = micro[0].batch_size, self.batcher.num_micro_batches
@@ -97,8 +93,10 @@ class ZOLoraTrainer(LoraTrainer):
         grads, loss = grads_from(table, eps=eps, rows_total=t.batch_size)
         if not all(math.isfinite(g) for g in grads):
             raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
-        self._update(step, grads, restored, lr_at(step, t))
-        return loss
+        lr = lr_at(step, t)
+        self._update(step, grads, restored, lr)
+        self.agree.update(*grads, lr)
+        return StepResult(loss, lr, sum(int(m.attention_mask.sum()) for m in micro) * S, {"grad": grads[0]})
 
     def _perturbed_values(self, step: int) -> tuple[dict, list[torch.Tensor]]:
         z_cfg = self.cfg.zo

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +21,8 @@ from ferrytune.data import Batch, correct_per_sample, eval_batches, collate, loa
 from ferrytune.data import Batcher, loss_per_sample
 from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, read_state, resolve_resume,
                                           save_model_folder)
-from ferrytune.engine._metrics import MetricsWriter, device_metrics, format_line, host_rss_gib, stream_delta
+from ferrytune.engine._loop import StepLoop, StepResult
+from ferrytune.engine._metrics import MetricsWriter
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
@@ -35,14 +34,6 @@ from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
 logger = logging.getLogger(__name__)
 
 ZO_LOG = "zo_log.jsonl"
-
-
-@dataclass
-class TrainResult:
-    final_dir: Path
-    steps: int
-    losses: list[float]
-    eval: dict | None
 
 
 def streams_for(q: int, mesh: Mesh) -> list[Stream]:
@@ -101,8 +92,10 @@ def grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[lis
     return grads, (means[0] + means[1]) / 2
 
 
-class ZOTrainer:
-    """Owns the runtime, data, engine and loop of one ``method: zo`` run."""
+class ZOTrainer(StepLoop):
+    """Owns the runtime, data and engine of one ``method: zo`` run; the loop is :class:`StepLoop`'s."""
+
+    method = "zo"
 
     def __init__(self, cfg, *, mesh: Mesh = Mesh()) -> None:
         self.cfg = cfg
@@ -176,63 +169,32 @@ class ZOTrainer:
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.start_step]
             path.write_text("".join(k + "\n" for k in keep))
 
-    # ----------------------------------------------------------------- loop
-    def train(self, *, progress: bool = True) -> TrainResult:
-        cfg, mesh = self.cfg, self.mesh
-        t = cfg.train
+    # ----------------------------------------------------------------- step
+    def train_step(self, step: int) -> StepResult:
+        cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
         q = cfg.zo.num_perturbations
         streams = streams_for(q, mesh)
         M = self.batcher.num_micro_batches
-        micro_index = list(range(M))[mesh.dp_rank::mesh.data]
-        losses = []
-        bar = _progress(t.steps, self.start_step, enabled=progress and mesh.is_main)
-        for step in range(self.start_step, t.steps):
-            t0 = time.perf_counter()
-            before = self.rt.streamer.stats.snapshot()
-            micro = self.batcher.batches_for_step(step, pad_id=self.pad_id)
-            table = zo_forward(self.engine, step, micro, streams, micro_index=micro_index, num_micro_global=M,
-                               q=q, mesh=mesh)
-            grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
-            if not all(math.isfinite(g) for g in grads):
-                raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
-            lr = lr_at(step, t)
-            self.engine.pending = PendingUpdate(step, grads, lr)
-            self.agree.update(*grads, lr)
-            self._log_step(step, grads, lr)
-            dt = time.perf_counter() - t0
-            tokens = sum(int(m.attention_mask.sum()) for m in micro) * len(streams)
-            rec = {"step": step + 1, "loss": loss, "grad": grads[0], "lr": lr, "step_s": round(dt, 4),
-                   "tokens_per_s": tokens / dt, "host_rss_gib": round(host_rss_gib()[0], 4),
-                   "host_peak_rss_gib": round(host_rss_gib()[1], 4)}
-            rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
-            rec.update(device_metrics(self.rt.device))
-            losses.append(loss)
-            if (step + 1) % t.log_every_steps == 0:
-                self.metrics.write(rec)
-                if mesh.is_main:
-                    logger.info(format_line(rec))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            last = step + 1 == t.steps
-            if self.agree.due(step + 1) and not last:
-                self._check_agreement(step + 1)
-            if t.eval_every_steps and (step + 1) % t.eval_every_steps == 0 and not last:
-                self.metrics.write({"step": step + 1, **self.evaluate(prefix="eval_")})
-            if t.checkpoint_every_steps and (step + 1) % t.checkpoint_every_steps == 0 and not last:
-                self.save_checkpoint(step + 1)
-        if bar is not None:
-            bar.close()
-        self.engine.flush()
-        self._check_agreement(t.steps)
-        ev = self.evaluate(prefix="eval_") if self.eval_examples else None
-        if ev:
-            self.metrics.write({"step": t.steps, **ev})
-        final = self.output_dir / "final"
-        self._save(final, t.steps)
-        return TrainResult(final, t.steps, losses, ev)
+        micro = self.batcher.batches_for_step(step, pad_id=self.pad_id)
+        table = zo_forward(self.engine, step, micro, streams, micro_index=list(range(M))[mesh.dp_rank::mesh.data],
+                           num_micro_global=M, q=q, mesh=mesh)
+        grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
+        if not all(math.isfinite(g) for g in grads):
+            raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
+        lr = lr_at(step, t)
+        self.engine.pending = PendingUpdate(step, grads, lr)
+        self.agree.update(*grads, lr)
+        self._log_step(step, grads, lr)
+        tokens = sum(int(m.attention_mask.sum()) for m in micro) * len(streams)
+        return StepResult(loss, lr, tokens, {"grad": grads[0]})
 
-    def _check_agreement(self, step: int) -> None:
+    def before_final(self) -> None:
+        self.engine.flush()
+
+    def save_final(self, final: Path) -> None:
+        self._save(final, self.cfg.train.steps)
+
+    def check_agreement(self, step: int) -> None:
         sliced = isinstance(self.rt.streamer, SlicedBlockStreamer)  # slices differ by design: no weight sample
         if self.mesh.distributed:
             self.agree.check(step, sample=zo_sample(self.engine, step=step, with_params=not sliced))
@@ -346,9 +308,3 @@ class ZOTrainer:
             self.state_streamer.close()
         self.engine.interceptor.uninstall()
 
-
-def _progress(total: int, start: int, *, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="zo", unit="step", dynamic_ncols=True, leave=True)

@@ -37,7 +37,7 @@ import torch
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._io import ThreadedDirectIO, aligned_buffer, as_uint8_tensor
 from ferrytune.offload._plan import Plan, Tier
-from ferrytune.offload._pool import BufferState, HostBufferPool
+from ferrytune.offload._pool import HostBufferPool
 from ferrytune.offload._store import NvmeBlockStore
 
 logger = logging.getLogger(__name__)

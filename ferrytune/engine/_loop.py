@@ -1,0 +1,93 @@
+"""The step loop every trainer shares: metrics, progress, eval/checkpoint cadence, agreement checks.
+
+A trainer subclasses :class:`StepLoop` and provides ``train_step(step) -> StepResult``,
+``evaluate``, ``save_checkpoint`` and ``save_final``; the loop owns what happens
+between steps, in this order: metrics line -> agreement check -> eval -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferrytune.engine._metrics import device_metrics, format_line, host_rss_gib, stream_delta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    tokens: int  # tokens this rank processed in the step (all streams)
+    extra: dict = field(default_factory=dict)  # extra metrics (e.g. the projected gradient)
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    losses: list[float]
+    eval: dict | None
+
+
+class StepLoop:
+    """Mixin with the shared ``train()``; see the module docstring for the hooks."""
+
+    method = "?"
+
+    def train(self, *, progress: bool = True) -> TrainResult:
+        t, mesh = self.cfg.train, self.mesh
+        losses = []
+        bar = _progress(t.steps, self.start_step, desc=self.method, enabled=progress and mesh.is_main)
+        for step in range(self.start_step, t.steps):
+            t0 = time.perf_counter()
+            before = self.rt.streamer.stats.snapshot()
+            res = self.train_step(step)
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr (or zo.eps)")
+            dt = time.perf_counter() - t0
+            cur, peak = host_rss_gib()
+            rec = {"step": step + 1, "loss": res.loss, **res.extra, "lr": res.lr, "step_s": round(dt, 4),
+                   "tokens_per_s": res.tokens / dt, "host_rss_gib": round(cur, 4), "host_peak_rss_gib": round(peak, 4)}
+            rec.update(stream_delta(before, self.rt.streamer.stats.snapshot()))
+            rec.update(device_metrics(self.rt.device))
+            losses.append(res.loss)
+            if (step + 1) % t.log_every_steps == 0:
+                self.metrics.write(rec)
+                if mesh.is_main:
+                    logger.info(format_line(rec))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{res.loss:.4f}")
+            last = step + 1 == t.steps
+            if self.agree.due(step + 1) and not last:
+                self.check_agreement(step + 1)
+            if t.eval_every_steps and (step + 1) % t.eval_every_steps == 0 and not last:
+                self.metrics.write({"step": step + 1, **self.evaluate(prefix="eval_")})
+            if t.checkpoint_every_steps and (step + 1) % t.checkpoint_every_steps == 0 and not last:
+                self.save_checkpoint(step + 1)
+        if bar is not None:
+            bar.close()
+        self.before_final()
+        self.check_agreement(t.steps)
+        ev = self.evaluate(prefix="eval_") if self.eval_examples else None
+        if ev:
+            self.metrics.write({"step": t.steps, **ev})
+        final = self.output_dir / "final"
+        self.save_final(final)
+        return TrainResult(final, t.steps, losses, ev)
+
+    def before_final(self) -> None:
+        """Work that must precede the final check, eval and save (ZO: flush the pending update)."""
+
+
+def _progress(total: int, start: int, *, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=True)
