@@ -35,9 +35,49 @@ class TrainResult:
 
 
 class StepLoop:
-    """Mixin with the shared ``train()``; see the module docstring for the hooks."""
+    """Base of the trainers: shared set-up pieces and ``train()``; see the module docstring for the hooks."""
 
     method = "?"
+
+    def __init__(self, cfg, *, mesh=None) -> None:
+        from ferrytune.parallel._mesh import Mesh
+
+        self.cfg = cfg
+        self.mesh = mesh or Mesh()
+        self.output_dir = Path(cfg.output_dir)
+
+    def _resolve_resume(self, method: str) -> None:
+        """Sets ``ckpt`` (or None) and ``start_step`` from ``resume``; refuses another method's checkpoint."""
+        from ferrytune.engine._checkpoint import read_state, resolve_resume
+        from ferrytune.errors import CheckpointError
+
+        self.ckpt = resolve_resume(self.output_dir, self.cfg.resume)
+        self.start_step = 0
+        if self.ckpt is not None:
+            state = read_state(self.ckpt)
+            if state.get("method") != method:
+                raise CheckpointError(f"{self.ckpt}: not a {method} checkpoint (method {state.get('method')})")
+            self.start_step = int(state["step"])
+            logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
+
+    def _setup_data(self) -> None:
+        """Tokenizer, examples, the step-indexed batcher, the metrics file and the resolved config."""
+        import json
+
+        from ferrytune.data import Batcher, load_examples, load_tokenizer, pad_id_for
+        from ferrytune.engine._metrics import MetricsWriter
+
+        cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.pad_id = pad_id_for(self.tokenizer)
+        self.train_examples, self.eval_examples = load_examples(cfg.data, self.tokenizer)
+        self.batcher = Batcher(self.train_examples, global_batch_size=t.batch_size,
+                               micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
+                               rank=mesh.dp_rank, world_size=mesh.data)
+        self.metrics = MetricsWriter(self.output_dir, enabled=mesh.is_main, start_step=self.start_step)
+        if mesh.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
     def train(self, *, progress: bool = True) -> TrainResult:
         t, mesh = self.cfg.train, self.mesh

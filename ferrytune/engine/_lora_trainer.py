@@ -17,27 +17,24 @@ a different world size.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
 
 import torch
 
-from ferrytune.data import Batcher, collate, correct_per_sample, eval_batches, load_examples, load_tokenizer
-from ferrytune.data import loss_per_sample, pad_id_for
-from ferrytune.engine._checkpoint import (_fsync_dir, checkpoint_dir, prune_checkpoints, read_state,
-                                          resolve_resume, write_atomic_json)
+from ferrytune.data import collate, correct_per_sample, eval_batches
+from ferrytune.data import loss_per_sample
+from ferrytune.engine._checkpoint import (_fsync_dir, checkpoint_dir, prune_checkpoints, write_atomic_json)
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
-from ferrytune.engine._metrics import MetricsWriter
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo_trainer import pad_positions
-from ferrytune.errors import CheckpointError, ConfigError
+from ferrytune.errors import ConfigError
 from ferrytune.lora import Adapter, LoraSpec, attach, find_targets, load_peft, save_peft
 from ferrytune.parallel import AgreementCheck, adapter_sample
-from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
+from ferrytune.parallel._mesh import all_reduce_sum_
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +60,12 @@ class LoraTrainer(StepLoop):
 
     method = "lora"
 
-    def __init__(self, cfg, *, mesh: Mesh = Mesh()) -> None:
-        self.cfg = cfg
-        self.mesh = mesh
-        self.output_dir = Path(cfg.output_dir)
-
     def setup(self) -> None:
         cfg, mesh = self.cfg, self.mesh
         if cfg.parallel.sliced_loading and mesh.distributed:
             raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
-        self.ckpt = resolve_resume(self.output_dir, cfg.resume)
-        self.start_step = 0
-        if self.ckpt is not None:
-            state = read_state(self.ckpt)
-            if state.get("method") != "lora":
-                raise CheckpointError(f"{self.ckpt}: not a lora checkpoint (method {state.get('method')})")
-            self.start_step = int(state["step"])
-            logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
+        self._resolve_resume("lora")
         sub = f"rank{mesh.rank}" if mesh.distributed else None
         self.rt = build_runtime(cfg, nvme_subdir=sub)
         rt = self.rt
@@ -105,17 +90,7 @@ class LoraTrainer(StepLoop):
                                        foreach=False)
         if self.ckpt is not None and (self.ckpt / OPTIM_NAME).exists():
             self.optim.load_state_dict(torch.load(self.ckpt / OPTIM_NAME, map_location=rt.device))
-        self.tokenizer = load_tokenizer(cfg.model.path)
-        self.pad_id = pad_id_for(self.tokenizer)
-        self.train_examples, self.eval_examples = load_examples(cfg.data, self.tokenizer)
-        t = cfg.train
-        self.batcher = Batcher(self.train_examples, global_batch_size=t.batch_size,
-                               micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
-                               rank=mesh.dp_rank, world_size=mesh.data)
-        self.metrics = MetricsWriter(self.output_dir, enabled=mesh.is_main, start_step=self.start_step)
-        if mesh.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        self._setup_data()
 
     # ----------------------------------------------------------------- step
     def train_step(self, step: int) -> StepResult:

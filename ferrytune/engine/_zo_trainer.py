@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ferrytune.data import Batch, correct_per_sample, eval_batches, collate, load_examples, load_tokenizer, pad_id_for
-from ferrytune.data import Batcher, loss_per_sample
-from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, read_state, resolve_resume,
-                                          save_model_folder)
+from ferrytune.data import Batch, correct_per_sample, eval_batches, collate
+from ferrytune.data import loss_per_sample
+from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, save_model_folder)
 from ferrytune.engine._loop import StepLoop, StepResult
-from ferrytune.engine._metrics import MetricsWriter
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
@@ -97,24 +95,11 @@ class ZOTrainer(StepLoop):
 
     method = "zo"
 
-    def __init__(self, cfg, *, mesh: Mesh = Mesh()) -> None:
-        self.cfg = cfg
-        self.mesh = mesh
-        self.output_dir = Path(cfg.output_dir)
-
     # --------------------------------------------------------------- set up
     def setup(self) -> None:
         cfg, mesh = self.cfg, self.mesh
-        self.ckpt = resolve_resume(self.output_dir, cfg.resume)
-        self.start_step = 0
-        source = Path(cfg.model.path)
-        if self.ckpt is not None:
-            state = read_state(self.ckpt)
-            if state.get("method") != "zo":
-                raise CheckpointError(f"{self.ckpt}: not a zo checkpoint (method {state.get('method')})")
-            self.start_step = int(state["step"])
-            source = self.ckpt
-            logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
+        self._resolve_resume("zo")
+        source = self.ckpt if self.ckpt is not None else Path(cfg.model.path)
         sub = f"rank{mesh.rank}" if mesh.distributed else None
         self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub)
         if cfg.parallel.sliced_loading:
@@ -138,17 +123,8 @@ class ZOTrainer(StepLoop):
                         seed=cfg.train.seed)
         self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
                                store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
-        self.tokenizer = load_tokenizer(cfg.model.path)
-        self.pad_id = pad_id_for(self.tokenizer)
-        self.train_examples, self.eval_examples = load_examples(cfg.data, self.tokenizer)
-        t = cfg.train
-        self.batcher = Batcher(self.train_examples, global_batch_size=t.batch_size,
-                               micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
-                               rank=mesh.dp_rank, world_size=mesh.data)
-        self.metrics = MetricsWriter(self.output_dir, enabled=mesh.is_main, start_step=self.start_step)
+        self._setup_data()
         if mesh.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
             self._trim_log()
 
     def _momentum_init(self, path: Path | None):
