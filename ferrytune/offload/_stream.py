@@ -115,55 +115,70 @@ class BlockStreamer:
         self._masters: dict[str, torch.Tensor] = {}
         nvme_blocks = [b for b, t in plan.home.items() if t == Tier.NVME]
         host_blocks = [b for b, t in plan.home.items() if t == Tier.HOST]
+        esize = _esize(self.store_dtype)
         # HOST homes: one page-aligned allocation, carved into blocks (allocated once).
         if host_blocks:
-            esize = _esize(self.store_dtype)
             offsets, total = {}, 0
             for b in host_blocks:
                 offsets[b] = total
-                total += -(-self.numel[b] * esize // 4096) * 4096
+                total += -(-self._home_numel(b) * esize // 4096) * 4096
             self._host_mem = aligned_buffer(total)
             raw = as_uint8_tensor(self._host_mem)
             if self._cuda:
                 _try_pin(raw)
             for b in host_blocks:
-                n = self.numel[b] * esize
-                self._masters[b] = raw[offsets[b]:offsets[b] + n].view(self.store_dtype)
-        # NVMe staging: ring + one for the outer block, page-aligned, allocated once.
+                self._masters[b] = raw[offsets[b]:offsets[b] + self._home_numel(b) * esize].view(self.store_dtype)
+        # NVME homes: one record per block in the store.
         self._io = None
         self._store = None
         if nvme_blocks:
             if self.nvme_dir is None:
                 raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
             self._io = ThreadedDirectIO(num_threads=self.io_threads)
-            records = {b: self.numel[b] * _esize(self.store_dtype) for b in nvme_blocks}
+            records = {b: self._home_numel(b) * esize for b in nvme_blocks}
             if reuse_store and (self.nvme_dir / "store.json").exists():
                 self._store = NvmeBlockStore.open(self.nvme_dir, backend=self._io, verify=self.verify)
             else:
                 _remove_store(self.nvme_dir)  # the store is scratch: rebuilt from the checkpoint each run
                 self._store = NvmeBlockStore.create(self.nvme_dir, records, backend=self._io, verify=self.verify)
         self._build_slots()
-        scratch = torch.empty(max(self.numel.values()), dtype=self.store_dtype)
+        self._alloc_extra()
+        scratch = torch.empty(self._scratch_numel(), dtype=self.store_dtype)
         for b, tier in plan.home.items():
-            if reuse_store and tier == Tier.NVME:
-                continue
-            flat = scratch[: self.numel[b]]
-            flat.zero_()
-            init(b, flat)
-            if tier == Tier.DEVICE:
-                self._masters[b] = flat.to(dev, copy=True)
-            elif tier == Tier.HOST:
-                self._masters[b].copy_(flat)
-            else:
-                self._write_record(b, flat)
+            if not (reuse_store and tier == Tier.NVME):
+                self._fill_home(b, tier, init, scratch)
         del scratch
-        self._start_threads()
         self._lock = threading.Lock()
         self._pending_write: dict[str, Future] = {}
         self._in_use: dict[str, list[_Slot]] = {}
-        self._opened = True
         self._order: list[str] = []
         self._pos = 0
+        self._start_threads()
+        self._opened = True
+
+    # Seams for subclasses whose homes hold something other than whole blocks (sliced loading).
+    def _home_numel(self, b: str) -> int:
+        """Elements of block ``b``'s home on the host or NVMe tier."""
+        return self.numel[b]
+
+    def _alloc_extra(self) -> None:
+        """Allocate buffers beyond the slots (once, at open)."""
+
+    def _scratch_numel(self) -> int:
+        return max(self.numel.values())
+
+    def _fill_home(self, b: str, tier: Tier, init: Callable[[str, torch.Tensor], None],
+                   scratch: torch.Tensor) -> None:
+        """Build block ``b`` with ``init`` in ``scratch`` and store it in its home."""
+        flat = scratch[: self.numel[b]]
+        flat.zero_()
+        init(b, flat)
+        if tier == Tier.DEVICE:
+            self._masters[b] = flat.to(self.device, copy=True)
+        elif tier == Tier.HOST:
+            self._masters[b].copy_(flat)
+        else:
+            self._write_record(b, flat)
 
     def _start_threads(self) -> None:
         # Two loaders: one block's O_DIRECT read overlaps the previous block's bf16 -> fp32 cast.

@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
-from ferrytune.errors import DistributedError, FerrytuneError
-from ferrytune.offload._io import ThreadedDirectIO, aligned_buffer, as_uint8_tensor
+from ferrytune.errors import DistributedError
 from ferrytune.offload._plan import Tier
-from ferrytune.offload._store import NvmeBlockStore
-from ferrytune.offload._stream import BlockStreamer, SlotState, _esize, _Slot, _try_pin
+from ferrytune.offload._stream import BlockStreamer, SlotState, _esize, _Slot
 from ferrytune.parallel._mesh import Mesh, new_side_group
 
 logger = logging.getLogger(__name__)
@@ -63,79 +60,41 @@ class SlicedBlockStreamer(BlockStreamer):
         self.bytes_gathered = 0  # received from the other ranks (interconnect traffic)
 
     # ------------------------------------------------------------------ setup
-    def open(self, init, *, reuse_store: bool = False) -> None:
-        """As :meth:`BlockStreamer.open`, with slice-sized homes; each rank keeps its slice.
+    # ------------------------------------------------------------------ setup
+    # BlockStreamer.open with slice-sized homes (its seams below); ``init`` still builds each
+    # whole block (the initial read of the checkpoint is not sliced: it happens once).
+    def _home_numel(self, b: str) -> int:
+        return self.slice_numel[b] if b in self.sliced else self.numel[b]
 
-        ``init`` still builds each whole block (the initial read of the
-        checkpoint is not sliced: it happens once, and the safetensors reader
-        reads whole tensors).
-        """
-        plan, dev, r = self.plan, self.device, self.mesh.rank
-        self._cuda = dev.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(dev) if self._cuda else None
-        self._masters: dict[str, torch.Tensor] = {}
-        esize = _esize(self.store_dtype)
-        host_blocks = [b for b, t in plan.home.items() if t == Tier.HOST]
-        nvme_blocks = [b for b, t in plan.home.items() if t == Tier.NVME]
-        if host_blocks:  # one page-aligned allocation of slices, as the base does for whole blocks
-            offsets, total = {}, 0
-            for b in host_blocks:
-                offsets[b] = total
-                total += -(-self.slice_numel[b] * esize // 4096) * 4096
-            self._host_mem = aligned_buffer(total)
-            raw = as_uint8_tensor(self._host_mem)
-            if self._cuda:
-                _try_pin(raw)
-            for b in host_blocks:
-                self._masters[b] = raw[offsets[b]:offsets[b] + self.slice_numel[b] * esize].view(self.store_dtype)
-        self._io = self._store = None
-        if nvme_blocks:
-            if self.nvme_dir is None:
-                raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
-            self._io = ThreadedDirectIO(num_threads=self.io_threads)
-            records = {b: self.slice_numel[b] * esize for b in nvme_blocks}
-            if reuse_store and (self.nvme_dir / "store.json").exists():
-                self._store = NvmeBlockStore.open(self.nvme_dir, backend=self._io, verify=self.verify)
-            else:
-                self._store = NvmeBlockStore.create(self.nvme_dir, records, backend=self._io, verify=self.verify)
-        self._build_slots()
-        max_padded = max([self.slice_numel[b] * self.mesh.world_size for b in self.sliced] + [1])
+    def _alloc_extra(self) -> None:
         # Gather buffers on the compute device (nccl gathers there; on CUDA the own slice is copied
-        # up first). One of each suffices: the ferry thread does one load at a time, and read_master
-        # runs only between passes.
-        self._gather_buf = torch.empty(max_padded, dtype=self.store_dtype, device=dev)
+        # up first). One of each suffices: the ferry thread does one load at a time, and
+        # read_master runs only between passes.
+        max_padded = max([self.slice_numel[b] * self.mesh.world_size for b in self.sliced] + [1])
+        self._gather_buf = torch.empty(max_padded, dtype=self.store_dtype, device=self.device)
         self._slice_buf = torch.empty(max_padded // self.mesh.world_size if self._cuda else 0,
-                                      dtype=self.store_dtype, device=dev)
-        scratch = torch.empty(max(max_padded, *self.numel.values()), dtype=self.store_dtype)
-        for b, tier in plan.home.items():
-            if reuse_store and tier == Tier.NVME:
-                continue
-            padded = scratch[: self.slice_numel[b] * self.mesh.world_size if b in self.sliced else self.numel[b]]
-            padded.zero_()
-            init(b, padded[: self.numel[b]])
-            if tier == Tier.DEVICE:
-                self._masters[b] = padded.to(dev, copy=True)
-            else:
-                own = padded.view(self.mesh.world_size, -1)[r]
-                if tier == Tier.HOST:
-                    self._masters[b].copy_(own)
-                else:
-                    self._write_record(b, own)
-        del scratch
-        self._start_threads()
+                                      dtype=self.store_dtype, device=self.device)
+
+    def _scratch_numel(self) -> int:
+        return max(self._gather_buf.numel(), *self.numel.values())
+
+    def _fill_home(self, b, tier, init, scratch) -> None:
+        if b not in self.sliced:
+            return super()._fill_home(b, tier, init, scratch)
+        padded = scratch[: self.slice_numel[b] * self.mesh.world_size]
+        padded.zero_()
+        init(b, padded[: self.numel[b]])
+        own = padded.view(self.mesh.world_size, -1)[self.mesh.rank]
+        if tier == Tier.HOST:
+            self._masters[b].copy_(own)
+        else:
+            self._write_record(b, own)
 
     def _start_threads(self) -> None:
         # ONE loader thread, unlike the base's two: every load all-gathers, and the gathers of a
-        # group must be issued in the same order on every rank; two loaders would race. Also the
-        # pass bookkeeping of the tail of BlockStreamer.open (this class does not call it).
+        # group must be issued in the same order on every rank; two loaders would race.
         self._ferry = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-load")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
-        self._lock = threading.Lock()
-        self._pending_write = {}
-        self._in_use = {}
-        self._opened = True
-        self._order = []
-        self._pos = 0
 
     # ------------------------------------------------------- slot decisions
     def _submit_load(self, b: str):
