@@ -248,7 +248,8 @@ def test_higher_priority_preempts_at_a_step_boundary(ray_session, tiny, tmp_path
     svc = start_service(state, base, max_jobs_per_worker=1)
     try:
         alice, bob = Client(svc.url, tok_a), Client(svc.url, tok_b)
-        low = alice.submit(write_spec(tmp_path / "low.yaml", job_spec("tiny", str(d / "cls.jsonl"), steps=60)))["id"]
+        # long enough that it cannot finish before the urgent job is admitted, even on a quiet machine
+        low = alice.submit(write_spec(tmp_path / "low.yaml", job_spec("tiny", str(d / "cls.jsonl"), steps=400)))["id"]
         wait_for(alice, low, lambda j: j["checkpoint_step"] >= 2)
         urgent = {**job_spec("tiny", str(d / "cmp.jsonl"), steps=10), "priority": 5}
         high = bob.submit(write_spec(tmp_path / "high.yaml", urgent))["id"]
