@@ -28,11 +28,13 @@ from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload._stream import BlockStreamer
 
 
-def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True) -> list[str]:
-    """Visiting order of a step: outer once, then forward (and reverse) layers per micro-batch."""
+def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,
+               recompute: set[str] | None = None) -> list[str]:
+    """Visiting order of a step: outer once, then per micro-batch the layers forward and, for
+    backward, the recomputed ones (``recompute``; default all) in reverse."""
     layers = layout.layer_blocks
-    per = layers + (layers[::-1] if backward else [])
-    return [OUTER] + per * num_micro
+    again = [b for b in layers[::-1] if recompute is None or b in recompute] if backward else []
+    return [OUTER] + (layers + again) * num_micro
 
 
 class FOEngine:
@@ -50,10 +52,14 @@ class FOEngine:
         # inside ``chunk_context(i)`` (zo on LoRA: one perturbed adapter per slice).
         self.chunk_rows: int | None = None
         self.chunk_context: Callable[[int], Any] | None = None
+        # Layers whose weights stay put (device home, no working copy: the resident tier on CPU)
+        # run under plain autograd like PEFT; only blocks that move are checkpointed and fetched
+        # again for a recomputing backward.
+        self.recompute = {b for b in layout.layer_blocks if not streamer.stays_resident(b)}
 
     # --------------------------------------------------------------- passes
     def begin_step(self, num_micro: int, *, backward: bool = True) -> None:
-        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward))
+        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, recompute=self.recompute))
         self._outer = self.streamer.acquire(OUTER)
         _bind_block(self.layout, OUTER, self._outer)
 
@@ -80,6 +86,13 @@ class FOEngine:
             return self._run_no_grad(unit, orig, args, kwargs)
         if unit.block_id == OUTER:
             return orig(*args, **kwargs)
+        if unit.block_id not in self.recompute:  # resident weights: autograd keeps what it needs
+            _bind_block(self.layout, unit.block_id, self.streamer.acquire(unit.block_id))
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                _bind_block(self.layout, unit.block_id, None)
+                self.streamer.release(unit.block_id, dirty=False)
         hidden, rest = args[0], args[1:]
         if not hidden.requires_grad:
             # The first layer's input comes from a frozen embedding; the adapters inside still

@@ -232,6 +232,10 @@ class BlockStreamer:
             self._futures[self._submitted] = self._submit_load(self._order[self._submitted])
             self._submitted += 1
 
+    def stays_resident(self, b: str) -> bool:
+        """Whether block ``b``'s working tensor is its master, valid for the whole run."""
+        return self._zero_copy_device(b)
+
     def _zero_copy_device(self, b: str) -> bool:
         return self.plan.home[b] == Tier.DEVICE and self.store_dtype == self.compute_dtype
 
