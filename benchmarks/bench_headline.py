@@ -1,0 +1,191 @@
+"""The headline, this machine's version of "100B on one GPU": ZO steps of a 15 B-parameter model
+(30 GB of bf16 weights) on a 2-core box with 24 GiB of RAM, streamed from NVMe.
+
+    nohup python benchmarks/bench_headline.py --cleanup > bench-out/logs/headline.log 2>&1 &
+    tail -f bench-out/logs/headline.log            # progress; per-step lines in bench-out/headline/steps.jsonl
+
+What it does, in one process:
+
+1. checks the free disk (model + store + 4 GB), then builds the synthetic model with
+   ``make_synthetic.py`` unless it exists: LLaMA, hidden 2048, intermediate 5632, 16 heads,
+   vocab 49152 (SmolLM2's tokenizer), untied, 288 layers = 15.0 B parameters, 30.0 GB bf16;
+2. raw disk baseline: ``fio`` O_DIRECT write (fsync'd) and read of 2 GiB in the store's directory;
+3. sets up ``ZOTrainer`` with ``offload.tier: nvme``, ``offload.host_budget_gib: 2``,
+   ``model.store_dtype: bfloat16`` (fp32 compute), ``offload.prefetch_depth: 1``, batch 1 x 16
+   tokens: the store (30 GB) is built from the checkpoint one block at a time;
+4. resets the peak RSS, runs ``--steps`` ZO steps, and after each step measures fio again and
+   probes the CPU (fused Gaussian generate-and-add, stochastic rounding and the bf16<->fp32 casts
+   on one layer-sized buffer, and an fp32 matmul), to say what bounds the step;
+5. prints the table and writes ``bench-out/headline.json``; deletes the store (and with
+   ``--cleanup`` the model).
+
+The disk-bound limit of a step is ``bytes_read_nvme / fio_read + bytes_written_nvme / fio_write``
+(one device serves both), with the fio rates measured next to that step. Why this shape and not
+LLaMA-13B's (40 layers of hidden 5120): on a CPU "device" the fp32 working copies of the
+outer block (embeddings + head) and of the layers in flight are host memory too; at hidden
+5120 they alone exceed 4 GiB. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (BENCH_OUT, GB, GIB, ZOSession, disk_baseline, disk_bound_s, disk_free_gb, log,  # noqa: E402
+                     machine, make_data, print_table, proc_status_gib, reset_peak_rss, set_threads, summarize,
+                     write_json, zo_config)
+
+
+def cpu_probe(numel: int) -> dict[str, float]:
+    """Per-element seconds of the ZO step's elementwise work and fp32 matmul GFLOP/s, right now."""
+    from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
+
+    v = torch.randn(numel)
+    lo = torch.empty(numel, dtype=torch.bfloat16)
+    key = PerturbKey(0, 0, 0, 0)
+    out = {}
+
+    def t(name, fn):
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        out[name] = (time.perf_counter() - t0) / numel
+
+    t("gen_add_s_per_elem", lambda: add_perturbation_(v, key, alpha=1e-3))
+    t("sr_s_per_elem", lambda: stochastic_round_(v, lo, key))
+    t("to_bf16_s_per_elem", lambda: lo.copy_(v))
+    t("to_fp32_s_per_elem", lambda: v.copy_(lo))
+    a, b = torch.randn(16, 2048), torch.randn(5632, 2048)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b.T
+    out["matmul_gflops"] = 10 * 2 * 16 * 2048 * 5632 / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=BENCH_OUT / "headline", help="model, store and logs go here")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--layers", type=int, default=288)
+    ap.add_argument("--budget-gib", type=float, default=2.0, help="offload.host_budget_gib")
+    ap.add_argument("--prefetch-depth", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dist", default="gaussian", choices=["gaussian", "rademacher"])
+    ap.add_argument("--fio-gib", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=BENCH_OUT / "headline.json")
+    ap.add_argument("--cleanup", action="store_true", help="delete the synthetic model at the end")
+    a = ap.parse_args()
+
+    from make_synthetic import build
+
+    set_threads(a.threads)
+    minfo = machine(a.threads)  # at the start: the code this run loaded
+    a.dir.mkdir(parents=True, exist_ok=True)
+    model, store_dir = a.dir / "model", a.dir / "nvme"
+    shape = dict(hidden=a.hidden, intermediate=a.intermediate, layers=a.layers, vocab=49152)
+    info = build(model, dry_run=True, **shape)
+    need = info["bytes_bf16"] * (1 if (model / "config.json").exists() else 2) + 4e9
+    free = disk_free_gb(a.dir) * GB
+    log(f"disk: {free / GB:.1f} GB free, {need / GB:.1f} GB needed")
+    if free < need:
+        raise SystemExit(f"not enough free disk in {a.dir}: {free / GB:.1f} GB free, {need / GB:.1f} GB needed; "
+                         "lower --layers")
+    t0 = time.perf_counter()
+    if not (model / "config.json").exists():
+        info = build(model, **shape)
+    build_s = time.perf_counter() - t0
+    mem_total = machine()["mem_gib"].get("MemTotal", 0)
+    log(f"model: {info['params'] / 1e9:.2f} B params, {info['bytes_bf16'] / GIB:.1f} GiB on disk "
+        f"(RAM {mem_total:.1f} GiB), built in {build_s:.0f}s")
+
+    data = make_data(a.dir / "data.jsonl")
+    fio = [disk_baseline(a.dir / "fio", int(a.fio_gib * 2**30))]
+    log(f"fio: read {fio[0]['fio_read_gbs']:.2f} GB/s, write {fio[0]['fio_write_gbs']:.2f} GB/s")
+    cfg = zo_config(model, a.dir / "run", "nvme", data=data, batch=a.batch, max_length=a.seq,
+                    store_dtype="bfloat16", host_budget_gib=a.budget_gib, prefetch_depth=a.prefetch_depth,
+                    nvme_dir=store_dir, dist=a.dist)
+    s = ZOSession(cfg)
+    setup_rss = proc_status_gib()
+    log(f"set up in {s.setup_s:.0f}s (store built), RSS {setup_rss['VmRSS']:.2f} GiB, setup peak "
+        f"{setup_rss['VmHWM']:.2f} GiB\n{s.plan.describe()}")
+    reset_peak_rss()
+    steps_log = a.dir / "steps.jsonl"
+    steps_log.write_text("")
+    steps, probes = [], []
+    layer_numel = max(b.numel for k, b in s.trainer.rt.layout.blocks.items() if k != "outer")
+    for i in range(a.steps):
+        rec = s.step()
+        fio.append(disk_baseline(a.dir / "fio", int(a.fio_gib * 2**30)))
+        base = {k: statistics.mean(f[k] for f in fio[-2:]) for k in ("fio_read_gbs", "fio_write_gbs")}
+        rec["fio_read_gbs"], rec["fio_write_gbs"] = base["fio_read_gbs"], base["fio_write_gbs"]
+        rec["disk_bound_s"] = disk_bound_s(rec, base)
+        rec["step_vs_disk_bound"] = rec["step_s"] / rec["disk_bound_s"]
+        probe = cpu_probe(layer_numel)
+        probes.append(probe)
+        P = info["params"]
+        # the engine's elementwise work per parameter and step: 4 fused generate-and-add passes
+        # (+eps, -2eps, +eps, the update), stochastic rounding to bf16 and its copy back, two casts
+        rec["elementwise_estimate_s"] = P * (4 * probe["gen_add_s_per_elem"] + probe["sr_s_per_elem"]
+                                             + 2 * probe["to_fp32_s_per_elem"] + probe["to_bf16_s_per_elem"])
+        rec["matmul_estimate_s"] = 2 * 2 * P * rec["tokens_per_pass"] / (probe["matmul_gflops"] * 1e9)
+        steps.append(rec)
+        with open(steps_log, "a") as f:
+            f.write(json.dumps({**rec, "probe": probe}) + "\n")
+        log(f"step {i + 1}: {rec['step_s']:.0f}s (compute {rec['compute_s']:.0f}s, stall {rec['stall_s']:.1f}s, "
+            f"read {rec['read_s']:.0f}s, write {rec['write_s']:.0f}s), "
+            f"{rec['bytes_read_nvme'] / GB:.1f} GB read + {rec['bytes_written_nvme'] / GB:.1f} GB written, "
+            f"disk bound {rec['disk_bound_s']:.0f}s -> {rec['step_vs_disk_bound']:.2f}x; RSS "
+            f"{rec['host_rss_gib']:.2f} GiB, peak {rec['host_peak_rss_gib']:.2f} GiB; elementwise estimate "
+            f"{rec['elementwise_estimate_s']:.0f}s, matmul estimate {rec['matmul_estimate_s']:.0f}s")
+    train_rss = proc_status_gib()
+    s.close()
+
+    rows = []
+    for r in steps:
+        rows.append([r["step"], r["step_s"], r["compute_s"], r["stall_s"], r["read_s"], r["write_s"],
+                     r["bytes_read_nvme"] / GB, r["bytes_written_nvme"] / GB, r["fio_read_gbs"], r["fio_write_gbs"],
+                     r["disk_bound_s"], r["step_vs_disk_bound"], r["elementwise_estimate_s"], r["matmul_estimate_s"],
+                     r["host_peak_rss_gib"]])
+    print_table(["step", "step s", "compute s", "stall s", "read s", "write s", "GB read", "GB written",
+                 "fio read GB/s", "fio write GB/s", "disk bound s", "step / disk bound", "elementwise est. s",
+                 "matmul est. s", "peak RSS GiB"], rows,
+                title=f"headline: {info['params'] / 1e9:.2f} B params, {info['bytes_bf16'] / GIB:.1f} GiB bf16 on "
+                      f"disk, RAM {mem_total:.1f} GiB, host budget {a.budget_gib} GiB, batch {a.batch} x {a.seq}, "
+                      f"{a.dist} z, {a.threads} thread(s)")
+    ratio = summarize([r["step_vs_disk_bound"] for r in steps])
+    print(f"step / disk bound: median {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] (target <= 1.1);"
+          f" training peak RSS {train_rss['VmHWM']:.2f} GiB (target < 4); set-up peak {setup_rss['VmHWM']:.2f} GiB",
+          flush=True)
+    write_json(a.out, {
+        "benchmark": "headline", "machine": minfo,
+        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+                     "plan": s.plan.describe(), "tokens_per_pass": steps[0]["tokens_per_pass"]},
+        "model": info, "build_s": build_s, "setup_s": s.setup_s, "setup_rss_gib": setup_rss,
+        "train_rss_gib": train_rss, "fio": fio, "steps": steps, "probes": probes,
+        "medians": {"step_vs_disk_bound": ratio,
+                    **{k: summarize([r[k] for r in steps]) for k in ("step_s", "compute_s", "stall_s", "read_s",
+                                                                      "write_s", "disk_bound_s",
+                                                                      "elementwise_estimate_s")}},
+    })
+    shutil.rmtree(store_dir, ignore_errors=True)
+    shutil.rmtree(a.dir / "fio", ignore_errors=True)
+    shutil.rmtree(a.dir / "run", ignore_errors=True)
+    if a.cleanup:
+        shutil.rmtree(model, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
