@@ -102,10 +102,14 @@ def _meta_params():
         nn.Module.register_parameter = orig
 
 
-def _checkpoint_dtype(folder: Path, config) -> torch.dtype:
-    dt = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
+def _checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint declares in config.json (read raw: building the model rewrites it)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    dt = raw.get("dtype") or raw.get("torch_dtype")
+    dt = getattr(torch, dt, None) if isinstance(dt, str) else None
     return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
@@ -197,8 +201,9 @@ def build_layout(model: nn.Module, config, *, checkpoint_dtype: torch.dtype = to
 
 
 def load_layout(path: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelLayout:
+    dtype = _checkpoint_dtype(Path(path))  # before the skeleton: from_config sets config.dtype to fp32
     model, config = build_skeleton(path, trust_remote_code=trust_remote_code)
-    return build_layout(model, config, checkpoint_dtype=_checkpoint_dtype(Path(path), config))
+    return build_layout(model, config, checkpoint_dtype=dtype)
 
 
 def bind(spec: ParamSpec, tensor: torch.Tensor | None) -> None:

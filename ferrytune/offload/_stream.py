@@ -63,6 +63,20 @@ class StreamStats:
     num_stalls: int = 0
     num_loads: int = 0
     cache_hits: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    # Loads and writes run on several threads: counting goes through these (a bare ``+=`` on
+    # a shared counter from two threads can lose an update).
+    def count_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.bytes_read[tier] += nbytes
+            self.read_s += seconds
+            self.num_loads += 1
+
+    def count_write(self, tier: str, nbytes: int, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.bytes_written[tier] += nbytes
+            self.write_s += seconds
 
     def snapshot(self) -> dict:
         return {"bytes_read": dict(self.bytes_read), "bytes_written": dict(self.bytes_written),
@@ -287,24 +301,20 @@ class BlockStreamer:
         n = self.numel[b]
         work = slot.working[:n]
         if tier == Tier.NVME:
-            nbytes = n * _esize(self.store_dtype)
-            if self.plan.zero_copy:
-                self._store.read(b, slot.staging)
-            else:
-                self._store.read(b, slot.staging)
+            self._store.read(b, slot.staging)
+            if not self.plan.zero_copy:  # with zero copy the staging bytes are the working copy
                 self._h2d(slot.staging.tensor(self.store_dtype, n), work)
-            self.stats.bytes_read[Tier.NVME.value] += nbytes
+            read = (Tier.NVME.value, n * _esize(self.store_dtype))
         elif tier == Tier.HOST:
             self._h2d(self._masters[b], work)
-            self.stats.bytes_read[Tier.HOST.value] += n * _esize(self.store_dtype)
+            read = (Tier.HOST.value, n * _esize(self.store_dtype))
         else:
             work.copy_(self._masters[b])
-            self.stats.bytes_read[Tier.DEVICE.value] += n * _esize(self.store_dtype)
+            read = (Tier.DEVICE.value, n * _esize(self.store_dtype))
         if self._cuda:
             slot.event = torch.cuda.Event()
             slot.event.record(self._copy_stream)
-        self.stats.read_s += time.perf_counter() - t0
-        self.stats.num_loads += 1
+        self.stats.count_read(*read, time.perf_counter() - t0)
 
     def _h2d(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         if self._cuda:
@@ -391,8 +401,7 @@ class BlockStreamer:
                 self._masters[b].copy_(work, non_blocking=self._cuda)
             if self._cuda:
                 self._copy_stream.synchronize()
-        self.stats.bytes_written[tier.value] += n * _esize(self.store_dtype)
-        self.stats.write_s += time.perf_counter() - t0
+        self.stats.count_write(tier.value, n * _esize(self.store_dtype), time.perf_counter() - t0)
 
     def finish_pass(self) -> None:
         """Wait for every write of the pass (errors surface here)."""
@@ -450,7 +459,7 @@ class BlockStreamer:
         n = flat.numel()
         buf.tensor(self.store_dtype, n).copy_(flat)
         self._store.write(b, buf, n * _esize(self.store_dtype))
-        self.stats.bytes_written[Tier.NVME.value] += n * _esize(self.store_dtype)
+        self.stats.count_write(Tier.NVME.value, n * _esize(self.store_dtype))
 
     def read_master(self, b: str, out: torch.Tensor) -> None:
         """Copy block ``b``'s master (store dtype) into CPU tensor ``out``; only between passes."""

@@ -148,7 +148,7 @@ class SlicedBlockStreamer(BlockStreamer):
             src = slot.staging.tensor(self.store_dtype, S)
         else:
             src = self._masters[b]
-        self.stats.bytes_read[tier.value] += nbytes
+        read = (tier.value, nbytes)
         full = self._gather_buf[: S * self.mesh.world_size]
         work = slot.working[:n]
         with torch.cuda.stream(self._copy_stream) if self._cuda else _nullctx():
@@ -162,8 +162,7 @@ class SlicedBlockStreamer(BlockStreamer):
                 slot.event = torch.cuda.Event()
                 slot.event.record(self._copy_stream)
         self.bytes_gathered += nbytes * (self.mesh.world_size - 1)
-        self.stats.read_s += time.perf_counter() - t0
-        self.stats.num_loads += 1
+        self.stats.count_read(*read, time.perf_counter() - t0)
 
     def _write_back(self, b: str, slot: _Slot, ev) -> None:
         if b not in self.sliced:
@@ -190,8 +189,7 @@ class SlicedBlockStreamer(BlockStreamer):
                 self._masters[b][: hi - lo].copy_(part, non_blocking=self._cuda)
             if self._cuda:
                 self._copy_stream.synchronize()
-        self.stats.bytes_written[tier.value] += S * _esize(self.store_dtype)
-        self.stats.write_s += time.perf_counter() - t0
+        self.stats.count_write(tier.value, S * _esize(self.store_dtype), time.perf_counter() - t0)
 
     def _all_gather(self, full: torch.Tensor, own: torch.Tensor, *, what: str) -> None:
         if full.device.type == "cpu":

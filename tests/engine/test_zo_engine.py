@@ -160,3 +160,11 @@ def test_z_cache_is_a_pure_speed_knob(tiny_models, cfg_factory, monkeypatch):
         results.append(_final_weights(cfg))
     a, b = results
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_store_dtype_auto_keeps_a_bf16_checkpoint_in_bf16(tiny_models):
+    """`model.store_dtype: auto` means the checkpoint's dtype (building the model must not rewrite it)."""
+    from ferrytune.models._layout import load_layout
+
+    assert load_layout(tiny_models("llama", layers=2, hidden=32, dtype="bfloat16")).checkpoint_dtype == torch.bfloat16
+    assert load_layout(tiny_models("llama", layers=2, hidden=32)).checkpoint_dtype == torch.float32

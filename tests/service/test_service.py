@@ -211,13 +211,14 @@ def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path,
     svc = start_service(state, base, checkpoint_every_steps=3)
     try:
         client = Client(svc.url, token)
-        spec = job_spec("tiny", str(d / "cls.jsonl"), steps=60, rank=4)
+        # long enough that the job is still running when its worker is killed, even on a quiet machine
+        spec = job_spec("tiny", str(d / "cls.jsonl"), steps=300, rank=4)
         job_id = client.submit(write_spec(tmp_path / "a.yaml", spec))["id"]
         wait_for(client, job_id, lambda j: j["checkpoint_step"] >= 6)
         (worker,) = svc.controller.worker_info()
         os.kill(worker["pid"], signal.SIGKILL)  # the worker process dies mid-job
         job = wait_for(client, job_id, succeeded)
-        assert job["step"] == 60
+        assert job["step"] == 300
         logs = client.logs(job_id)
         assert "is gone; resumes from step" in logs and "admitted to worker w1" in logs, logs
         resumed = [int(line.split("at step ")[1].split()[0]) for line in logs.splitlines() if "resumed from" in line]
@@ -226,7 +227,7 @@ def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path,
         # resuming replays exactly: the adapter equals one trained without interruption
         client.fetch(job_id, tmp_path / "fetched")
         ref = MultiLoraTrainer(base)
-        ref.add_job("ref", lora_config(str(base), str(d / "cls.jsonl"), steps=60, rank=4), work_dir=tmp_path / "ref")
+        ref.add_job("ref", lora_config(str(base), str(d / "cls.jsonl"), steps=300, rank=4), work_dir=tmp_path / "ref")
         while not ref.is_done("ref"):
             ref.step()
         ref.export("ref", tmp_path / "ref-adapter")
