@@ -20,9 +20,10 @@ Variants (all alive at once, run in turn: one round = each variant for ``--steps
 * ``ft_host_fp32``   ``offload.tier: host``, fp32 master (a memcpy per block).
 * ``ft_nvme_bf16``   ``offload.tier: nvme``, bf16 records read with O_DIRECT, cast per block.
 * ``ft_nvme_fp32``   ``offload.tier: nvme``, fp32 records read straight into the working buffers.
-* ``ft_resident_nockpt``  an experiment, not ferrytune's behaviour: ``ft_resident`` with the engine's
-                     per-layer checkpoint/recompute switched off by a handler patched in here
-                     (``no_recompute_handler``), to measure what recomputing a resident base costs.
+* ``ft_resident_nockpt``  ``ft_resident`` with the unit handler replaced by this script's
+                     ``no_recompute_handler`` (plain autograd, no recompute). It measured the cost of
+                     the recompute before the engine skipped it for resident blocks (commit 37f020e);
+                     since then it is a control that must equal ``ft_resident``.
 
 Per round the raw disk read bandwidth of the same directory is measured with
 ``dd iflag=direct`` (the disk-bound limit of a step = NVMe bytes per step / that bandwidth).

@@ -272,6 +272,7 @@ def main() -> int:
     p.add_argument("--ds-full-logits", action="store_true")
     p.add_argument("--sides", default="ft,ds")
     p.add_argument("--child-timeout", type=int, default=3000)
+    p.add_argument("--keep", action="store_true", help="keep --dir (children's logs) at the end")
     p.add_argument("--out", default=str(REPO / "bench-out/lora_zero_infinity.json"))
     p.add_argument("--child", choices=["ft", "ds"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -364,8 +365,11 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {args.out}")
-    for d in ("ft_store", "ds_nvme"):
-        shutil.rmtree(work / d, ignore_errors=True)
+    if args.keep:  # keep the children's logs and data; the stores are scratch either way
+        for d in ("ft_store", "ds_nvme"):
+            shutil.rmtree(work / d, ignore_errors=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
