@@ -121,6 +121,17 @@ class StepLoop:
         self.save_final(final)
         return TrainResult(final, t.steps, losses, ev)
 
+    def _eval_result(self, totals, prefix: str) -> dict:
+        """Sum (loss, correct, count) over ranks into the eval metrics, and log them."""
+        from ferrytune.parallel._mesh import all_reduce_sum_
+
+        all_reduce_sum_(totals, self.mesh)
+        loss, correct, count = totals.tolist()
+        res = {f"{prefix}loss": loss / count, f"{prefix}accuracy": correct / count, f"{prefix}samples": int(count)}
+        if self.mesh.is_main:
+            logger.info("eval: loss %.4f accuracy %.4f on %d samples", loss / count, correct / count, int(count))
+        return res
+
     def before_final(self) -> None:
         """Work that must precede the final check, eval and save (ZO: flush the pending update)."""
 

@@ -168,13 +168,7 @@ class LoraTrainer(StepLoop):
                 totals += torch.tensor([float(loss_per_sample(logits, b).sum()),
                                         float(correct_per_sample(logits, b).sum()), b.batch_size], dtype=torch.float64)
         self.rt.layout.model.train()
-        all_reduce_sum_(totals, self.mesh)
-        res = {f"{prefix}loss": totals[0].item() / totals[2].item(),
-               f"{prefix}accuracy": totals[1].item() / totals[2].item(), f"{prefix}samples": int(totals[2])}
-        if self.mesh.is_main:
-            logger.info("eval: loss %.4f accuracy %.4f on %d samples", res[f"{prefix}loss"],
-                        res[f"{prefix}accuracy"], res[f"{prefix}samples"])
-        return res
+        return self._eval_result(totals, prefix)
 
     def save_checkpoint(self, step: int) -> Path | None:
         if not self.mesh.is_main:

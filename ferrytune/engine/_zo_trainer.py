@@ -239,13 +239,7 @@ class ZOTrainer(StepLoop):
                 total_correct += float(out["correct"].sum())
                 count += batch.batch_size
         totals = torch.tensor([total_loss, total_correct, count], dtype=torch.float64)
-        all_reduce_sum_(totals, self.mesh)
-        res = {f"{prefix}loss": totals[0].item() / totals[2].item(),
-               f"{prefix}accuracy": totals[1].item() / totals[2].item(), f"{prefix}samples": int(totals[2])}
-        if self.mesh.is_main:
-            logger.info("eval: loss %.4f accuracy %.4f on %d samples", res[f"{prefix}loss"],
-                        res[f"{prefix}accuracy"], res[f"{prefix}samples"])
-        return res
+        return self._eval_result(totals, prefix)
 
     def save_checkpoint(self, step: int) -> Path:
         dest = checkpoint_dir(self.output_dir, step)
