@@ -19,14 +19,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 BENCH_OUT = ROOT / "bench-out"
@@ -62,8 +63,10 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         pass
     git = {}
     try:
-        run = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10).stdout.strip()
+        def run(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
+
         git = {"commit": run("rev-parse", "--short", "HEAD"),
                "ferrytune_dirty": bool(run("status", "--porcelain", "--", "ferrytune"))}
     except (OSError, subprocess.SubprocessError):
@@ -191,7 +194,7 @@ class KernelTimer:
     and ``perturbation`` if an engine version uses it); behaviour is unchanged, the overhead is one
     ``perf_counter`` pair per call (~1 us, a few hundred calls per block)."""
 
-    installed: "KernelTimer | None" = None
+    installed: KernelTimer | None = None
 
     def __init__(self) -> None:
         import ferrytune.engine._zo as zo
@@ -213,7 +216,7 @@ class KernelTimer:
             setattr(zo, name, timed)
 
     @classmethod
-    def install(cls) -> "KernelTimer":
+    def install(cls) -> KernelTimer:
         if cls.installed is None:
             cls.installed = cls()
         return cls.installed

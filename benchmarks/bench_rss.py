@@ -27,17 +27,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BENCH_OUT, GB, GIB, disk_free_gb, log, machine, print_table,  # noqa: E402
-                     write_json)
+from _common import BENCH_OUT, GB, GIB, disk_free_gb, log, machine, print_table, write_json
 
 SHAPE = {"hidden": 2048, "intermediate": 5632, "vocab": 49152}
 
 
 def child(a) -> None:
-    from _common import (ZOSession, make_data, proc_status_gib, reset_peak_rss, set_threads,  # noqa: F401
-                         zo_config)
-    import ferrytune.engine._zo_trainer  # noqa: F401  the heavy imports, before the baseline
     import transformers  # noqa: F401
+    from _common import ZOSession, make_data, proc_status_gib, reset_peak_rss, set_threads, zo_config
+
+    import ferrytune.engine._zo_trainer  # noqa: F401  the heavy imports, before the baseline
 
     set_threads(a.threads)
     res = {"after_imports": proc_status_gib()}

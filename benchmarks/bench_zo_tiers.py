@@ -28,9 +28,25 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BENCH_OUT, GB, SMOLLM2, KernelTimer, ZOSession, disk_baseline, disk_bound_s, disk_free_gb, log,  # noqa: E402
-                     machine, make_data, medians_of, peak_rss_gib, print_table, set_threads, summarize,
-                     write_json, zo_config)
+from _common import (
+    BENCH_OUT,
+    GB,
+    SMOLLM2,
+    KernelTimer,
+    ZOSession,
+    disk_baseline,
+    disk_bound_s,
+    disk_free_gb,
+    log,
+    machine,
+    make_data,
+    medians_of,
+    peak_rss_gib,
+    print_table,
+    set_threads,
+    write_json,
+    zo_config,
+)
 
 TIERS = ("resident", "host", "nvme")
 SYNTH = {"hidden": 2048, "intermediate": 5632, "layers": 16, "vocab": 49152}
@@ -116,7 +132,9 @@ def main() -> None:
                f"{a.threads} threads, {a.steps} steps/tier/round, {a.rounds} rounds + warm-up")
     rows = []
     for tier in TIERS:
-        m = lambda k: med[f"{tier}_{k}"]["median"]  # noqa: E731
+        def m(k: str, tier: str = tier) -> float:
+            return med[f"{tier}_{k}"]["median"]
+
         rows.append([tier, m("step_s"), m("cpu_s"), m("compute_s"), m("kernel_s"), m("read_s"), m("write_s"), m("stall_s"),
                      (m("bytes_read_nvme") + m("bytes_read_host")) / GB,
                      (m("bytes_written_nvme") + m("bytes_written_host")) / GB])

@@ -44,8 +44,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BENCH_OUT, SMOLLM2, KernelTimer, ZOSession, log, machine, make_data, medians_of,  # noqa: E402
-                     peak_rss_gib, print_table, set_threads, write_json, zo_config)
+from _common import (
+    BENCH_OUT,
+    SMOLLM2,
+    KernelTimer,
+    ZOSession,
+    log,
+    machine,
+    make_data,
+    medians_of,
+    peak_rss_gib,
+    print_table,
+    set_threads,
+    write_json,
+    zo_config,
+)
 
 
 class PlainMeZO:
@@ -235,7 +248,7 @@ def main() -> None:
                f"{a.steps} step(s)/loop/round, {a.rounds} rounds + warm-up")
     rows = [["ferrytune (resident)", med["ferrytune_step_s"]["median"], med["ferrytune_cpu_s"]["median"],
              med["ferrytune_z_s"]["median"], med["ferrytune_fwd_s"]["median"], "", "", ""]]
-    mm = lambda s: f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"  # noqa: E731
+    mm = lambda s: f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
     for n in plains:
         rows.append([f"{n} MeZO loop", med[f"{n}_step_s"]["median"], med[f"{n}_cpu_s"]["median"],
                      med[f"{n}_z_s"]["median"], med[f"{n}_fwd_s"]["median"], mm(med[f"ferrytune_vs_{n}"]),

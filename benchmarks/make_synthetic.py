@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM2, log  # noqa: E402
+from _common import SMOLLM2, log
 
 CHUNK = 4 << 20  # elements per write (8 MiB of bf16)
 POOL = 32 << 20  # elements in the random pool
