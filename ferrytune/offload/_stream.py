@@ -187,16 +187,22 @@ class BlockStreamer:
         flat = scratch[: self.numel[b]]
         flat.zero_()
         init(b, flat)
+        self._store_home(b, tier, flat)
+
+    def _store_home(self, b: str, tier: Tier, values: torch.Tensor) -> None:
+        """Put ``values`` (what this streamer's home of ``b`` holds) into that home."""
         if tier == Tier.DEVICE:
-            self._masters[b] = flat.to(self.device, copy=True)
+            self._masters[b] = values.to(self.device, copy=True)
         elif tier == Tier.HOST:
-            self._masters[b].copy_(flat)
+            self._masters[b].copy_(values)
         else:
-            self._write_record(b, flat)
+            self._write_record(b, values)
+
+    # Two loaders: one block's O_DIRECT read overlaps the previous block's bf16 -> fp32 cast.
+    num_loaders = 2
 
     def _start_threads(self) -> None:
-        # Two loaders: one block's O_DIRECT read overlaps the previous block's bf16 -> fp32 cast.
-        self._ferry = ThreadPoolExecutor(2, thread_name_prefix="ferrytune-load")
+        self._ferry = ThreadPoolExecutor(self.num_loaders, thread_name_prefix="ferrytune-load")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
 
     def _build_slots(self) -> None:

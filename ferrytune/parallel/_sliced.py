@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -84,17 +83,11 @@ class SlicedBlockStreamer(BlockStreamer):
         padded = scratch[: self.slice_numel[b] * self.mesh.world_size]
         padded.zero_()
         init(b, padded[: self.numel[b]])
-        own = padded.view(self.mesh.world_size, -1)[self.mesh.rank]
-        if tier == Tier.HOST:
-            self._masters[b].copy_(own)
-        else:
-            self._write_record(b, own)
+        self._store_home(b, tier, padded.view(self.mesh.world_size, -1)[self.mesh.rank])
 
-    def _start_threads(self) -> None:
-        # ONE loader thread, unlike the base's two: every load all-gathers, and the gathers of a
-        # group must be issued in the same order on every rank; two loaders would race.
-        self._ferry = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-load")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ferrytune-write")
+    # ONE loader thread, unlike the base's two: every load all-gathers, and the gathers of a
+    # group must be issued in the same order on every rank; two loaders would race.
+    num_loaders = 1
 
     # ------------------------------------------------------- slot decisions
     def _submit_load(self, b: str):
