@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -11,7 +12,26 @@ import torch
 from ferrytune.config import config_from_dict
 from ferrytune.data import demo_data_path
 
-torch.set_num_threads(1)  # CI has two shared cores; determinism checks do not need more
+# No thread count is pinned here: the suite runs with whatever OMP_NUM_THREADS says (unset, as a
+# user runs it, and 1 in CI's second pass). Two runs compared bit for bit inside one process use the
+# same count; a test that compares with another process (torchrun ranks, a Ray worker) runs its
+# reference with that process's count through ``torch_threads``.
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_threads():
+    """``with torch_threads(1): ...`` runs a block with torch's intra-op threads set to ``n``."""
+    return _torch_threads
 
 
 @pytest.fixture(scope="session")

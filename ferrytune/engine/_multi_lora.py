@@ -47,6 +47,7 @@ from ferrytune.data import (
 from ferrytune.engine._schedule import lr_at
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
+from ferrytune.models import load_resident_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ class MultiLoraTrainer:
 
     def __init__(self, base_path: str | os.PathLike, *, device: str | torch.device = "cpu", seed: int = 0,
                  dtype: str = "float32", packer: Packer | None = None, offload=None, store_dtype: str = "auto"):
-        from transformers import AutoModelForCausalLM  # heavy import, only when a trainer is built
-
         self.base_path = os.fspath(base_path)
         self.device = torch.device(device)
         self.seed = seed
@@ -102,8 +101,8 @@ class MultiLoraTrainer:
         self.pad_id = pad_id_for(self.tokenizer)
         self.engine = None
         if offload is None:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.base_path, dtype=getattr(torch, dtype), local_files_only=True).to(self.device)
+            # aligned like the streamed base's blocks, so both run the same GEMMs (models/_resident.py)
+            self.model = load_resident_model(self.base_path, dtype=getattr(torch, dtype), device=self.device)
         else:
             # One streamed copy of the base serves every adapter: each block is read once per
             # packed microbatch (and its backward), however many jobs share the step.

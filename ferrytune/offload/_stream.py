@@ -163,6 +163,7 @@ class BlockStreamer:
                 self._fill_home(b, tier, init, scratch)
         del scratch
         self._lock = threading.Lock()
+        self._futures: dict[int, tuple[_Slot | None, Future | None]] = {}  # a close before any pass finds none
         self._pending_write: dict[str, Future] = {}
         self._in_use: dict[str, list[_Slot]] = {}
         self._order: list[str] = []

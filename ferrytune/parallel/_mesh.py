@@ -83,12 +83,27 @@ def init_mesh(parallel_cfg, *, device: str, timeout_s: float = COLLECTIVE_TIMEOU
             backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        _import_group_snapshotters()
         try:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"rank {rank}: could not join the process group ({_first_line(e)}); "
                                    "check MASTER_ADDR/MASTER_PORT or the torchrun rendezvous") from e
     return Mesh(world, rank, parallel_cfg.data, parallel_cfg.perturbation, owns, timeout_s)
+
+
+def _import_group_snapshotters() -> None:
+    """Import, before the group exists, the modules that take a reference to it at import time.
+
+    ``torch._dynamo`` (imported by ``transformers.modeling_utils``, so by every trainer) keeps
+    references to the objects ``torch.distributed`` holds when it is first imported, the default
+    process group among them, for the life of the process. A group created before that import is
+    then never freed by ``destroy_process_group``: its gloo threads (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``) are still running when the interpreter exits, and the C++ runtime aborts
+    the process (``terminate called without an active exception``, exit -6) although it trained.
+    Imported first, dynamo sees no group, and ``shutdown`` frees the group and joins its threads.
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def new_side_group(mesh: Mesh):

@@ -142,7 +142,7 @@ def test_zo_on_lora_equals_plain_mezo_lora_loop(tiny_models, cfg_factory):
     from ferrytune.data import Batcher, load_examples, load_tokenizer
     from ferrytune.kernels import PerturbKey, perturbation
     from ferrytune.lora import Adapter, LoraSpec, attach, find_targets
-    from transformers import AutoModelForCausalLM
+    from ferrytune.models import load_resident_model
 
     path = tiny_models("llama", layers=2, hidden=32)
     lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -150,7 +150,7 @@ def test_zo_on_lora_equals_plain_mezo_lora_loop(tiny_models, cfg_factory):
                       train={"steps": 3, "lr": 1e-2}, lora=lora, data={"eval": None}, offload={"tier": "nvme"})
     res = run(cfg, progress=False)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_resident_model(path).eval()  # aligned like the engine's blocks: the same GEMMs
     spec = LoraSpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
     adapter = Adapter.create(find_targets(model, spec), spec, seed=cfg.train.seed)
     attach(model, [adapter])

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for
 from ferrytune.engine._zo_trainer import pad_positions
 from ferrytune.kernels import PerturbKey, add_perturbation_
 from ferrytune.launch.train import run
+from ferrytune.models import load_resident_model
 
 
 def _final_weights(cfg) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def _losses(cfg) -> list[float]:
 
 def _reference_mezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     """MeZO's loop (Malladi et al. 2023, Algorithm 1), written out plainly on a resident HF model."""
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    model = load_resident_model(cfg.model.path).eval()  # aligned like the engine's blocks: the same GEMMs
     params = list(model.named_parameters())  # deduplicated: a tied weight appears once
     tok = load_tokenizer(cfg.model.path)
     train, _ = load_examples(cfg.data, tok)

@@ -1,8 +1,9 @@
 """Helpers for the distributed tests: configs as YAML files, torchrun launches, result readers.
 
 A plain module (not conftest.py) with a unique name: test folders have no __init__.py.
-Every rank runs with one thread (``OMP_NUM_THREADS=1``), like the in-process references
-(``tests/conftest.py`` sets ``torch.set_num_threads(1)``): two shared cores.
+Every rank runs with one thread (``OMP_NUM_THREADS=1``: two shared cores), and so does the
+in-process reference (``run_single``), whatever the suite's own thread count: a GEMM may sum in
+another order with another thread count, and these tests compare bit for bit.
 """
 
 from __future__ import annotations
@@ -92,11 +93,15 @@ def start_rank(cfg_path: Path, *, rank: int, world: int, port: int, args: tuple[
 
 
 def run_single(d: dict):
-    """The 1-process reference, in this process (one thread)."""
+    """The 1-process reference, in this process, with the ranks' one thread."""
     from ferrytune.launch.train import run
 
-    assert torch.get_num_threads() == 1
-    return run(config_from_dict(d), progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(config_from_dict(d), progress=False)
+    finally:
+        torch.set_num_threads(before)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

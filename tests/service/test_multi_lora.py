@@ -83,15 +83,26 @@ def test_packed_equals_solo_and_loads_in_peft(setup, tmp_path):
         assert not torch.allclose(plain, ours, atol=1e-4)  # the adapter changes the output
 
 
-def test_packed_in_one_microbatch_is_bitwise_solo(setup, tmp_path):
-    # one microbatch per step: every adapter's rows see the same arithmetic as alone (ANCHORS:
-    # the sum of per-job means gives bitwise-equal gradients), only the padding differs
+def test_packed_in_one_microbatch_equals_solo_within_gemm_rounding(setup, tmp_path):
+    # One microbatch per step: every adapter's rows get the same per-row arithmetic as alone and the
+    # loss is the sum of per-job means (ANCHORS), so the math is the same. The GEMMs are not: the
+    # packed batch has 13 rows padded to the longest of all jobs, a solo batch 3-6 rows padded to its
+    # own, and BLAS picks its kernel (and so the summation order inside a dot product) by shape and
+    # CPU. That differs by float32 rounding (~1e-7 relative) per product; Adam's update
+    # lr * m / (sqrt(v) + eps) is scale-free, so it moves each weight by ~lr * 1e-5 at most per step
+    # (seen: 3e-8 after 3 steps on AMD EPYC, 0 on Intel Xeon). A routing or loss-weighting mistake
+    # moves weights by ~lr = 1e-2 per step: ATOL sits five orders of magnitude below that.
     _, base, configs = setup
-    packed, _ = _train(base, configs, tmp_path / "packed", steps=3)
+    steps = 3
+    assert {cfg["train"]["lr"] for cfg in configs.values()} == {1e-2}
+    atol = steps * 1e-2 * 1e-5
+    packed, _ = _train(base, configs, tmp_path / "packed", steps=steps)
     for job_id, cfg in configs.items():
-        solo, _ = _train(base, {job_id: cfg}, tmp_path / f"solo-{job_id}", steps=3)
+        solo, _ = _train(base, {job_id: cfg}, tmp_path / f"solo-{job_id}", steps=steps)
         for key, value in solo.adapter(job_id).state_dict().items():
-            torch.testing.assert_close(packed.adapter(job_id).state_dict()[key], value, atol=0, rtol=0)
+            torch.testing.assert_close(packed.adapter(job_id).state_dict()[key], value, atol=atol, rtol=0)
+        # the bound is tight against what training moved: B left its zero init by far more than atol
+        assert max(v.abs().max() for k, v in solo.adapter(job_id).state_dict().items() if "lora_B" in k) > 100 * atol
 
 
 def test_resume_from_checkpoint_is_exact(setup, tmp_path):

@@ -202,7 +202,7 @@ def test_tenant_isolation_and_malformed_specs(ray_session, tiny, tmp_path, capsy
         svc.stop()
 
 
-def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path, capsys):
+def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path, capsys, torch_threads):
     from ferrytune.engine._multi_lora import MultiLoraTrainer
 
     d, base = tiny
@@ -228,8 +228,9 @@ def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path,
         client.fetch(job_id, tmp_path / "fetched")
         ref = MultiLoraTrainer(base)
         ref.add_job("ref", lora_config(str(base), str(d / "cls.jsonl"), steps=300, rank=4), work_dir=tmp_path / "ref")
-        while not ref.is_done("ref"):
-            ref.step()
+        with torch_threads(1):  # the worker's thread count (worker_num_cpus = 1)
+            while not ref.is_done("ref"):
+                ref.step()
         ref.export("ref", tmp_path / "ref-adapter")
         from safetensors.torch import load_file
 
