@@ -184,6 +184,8 @@ class TrainConfig(_Section):
     output_dir: str = Field("runs/ferrytune", description="checkpoints, metrics and the resolved config go here")
     device: Literal["cpu", "cuda"] = Field("cpu", description="compute device")
     resume: str = Field("auto", description="auto = latest checkpoint in output_dir if any; never; or a checkpoint path")
+    overwrite: bool = Field(False, description="with resume: never, replace a run already in output_dir "
+                                               "(its metrics, log, checkpoints and final/); otherwise that is refused")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe); ``config_from_dict(cfg.to_dict()) == cfg``."""

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ferrytune.atomic import fsync_dir, write_atomic_json
 from ferrytune.errors import CheckpointError
 from ferrytune.models._layout import ModelLayout
 from ferrytune.models._safetensors import SafetensorsWriter
@@ -35,23 +36,6 @@ STATE_NAME = "trainer_state.json"
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
          "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_model_folder(dest: Path, layout: ModelLayout, *, model_path: Path, store_dtype: torch.dtype,
@@ -94,7 +78,7 @@ def save_model_folder(dest: Path, layout: ModelLayout, *, model_path: Path, stor
             extra(tmp)
         if state is not None:
             write_atomic_json(tmp / STATE_NAME, state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():
             old = dest.parent / f".old-{dest.name}-{os.getpid()}"
             os.replace(dest, old)
@@ -102,7 +86,7 @@ def save_model_folder(dest: Path, layout: ModelLayout, *, model_path: Path, stor
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,8 +7,10 @@ between steps, in this order: metrics line -> agreement check -> eval -> checkpo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,9 @@ from pathlib import Path
 from ferrytune.engine._metrics import device_metrics, format_line, host_rss_gib, stream_delta
 
 logger = logging.getLogger(__name__)
+
+RUN_FILES = ("metrics.jsonl", "zo_log.jsonl", "checkpoints", "final", "config.json")
+"""What a training run writes into ``output_dir`` (and ``overwrite`` removes)."""
 
 
 @dataclass
@@ -39,26 +44,76 @@ class StepLoop:
 
     method = "?"
 
-    def __init__(self, cfg, *, mesh=None) -> None:
+    def __init__(self, cfg, *, mesh=None, read_only: bool = False) -> None:
+        """``read_only``: evaluation (``ferrytune eval``, ``replay``) of weights named by the config; the
+        trainer then writes nothing into ``output_dir`` and removes nothing from it, so a run's
+        folder, even one still training, is left byte for byte as it was."""
         from ferrytune.parallel._mesh import Mesh
 
         self.cfg = cfg
         self.mesh = mesh or Mesh()
         self.output_dir = Path(cfg.output_dir)
+        self.read_only = read_only
+
+    def nvme_subdir(self) -> str | None:
+        """This process's own folder under ``offload.nvme_dir``: one per rank, and one per evaluating
+        process, so that an evaluation never rebuilds (deletes) the store a training run streams from."""
+        parts = [f"rank{self.mesh.rank}"] if self.mesh.distributed else []
+        if self.read_only:
+            parts.append(f"eval-{os.getpid()}")
+        return "/".join(parts) or None
 
     def _resolve_resume(self, method: str) -> None:
-        """Sets ``ckpt`` (or None) and ``start_step`` from ``resume``; refuses another method's checkpoint."""
+        """Sets ``ckpt`` (or None) and ``start_step`` from ``resume``; refuses another method's checkpoint,
+        and a fresh start over a run already in ``output_dir`` unless ``overwrite`` says so."""
         from ferrytune.engine._checkpoint import read_state, resolve_resume
         from ferrytune.errors import CheckpointError
 
-        self.ckpt = resolve_resume(self.output_dir, self.cfg.resume)
         self.start_step = 0
+        if self.read_only:
+            self.ckpt = None
+            return
+        self.ckpt = resolve_resume(self.output_dir, self.cfg.resume)
+        if self.ckpt is None:
+            self._claim_output_dir()
         if self.ckpt is not None:
             state = read_state(self.ckpt)
             if state.get("method") != method:
                 raise CheckpointError(f"{self.ckpt}: not a {method} checkpoint (method {state.get('method')})")
             self.start_step = int(state["step"])
             logger.info("resuming from %s at step %d", self.ckpt, self.start_step)
+
+    def close_streamer(self, streamer) -> None:
+        """Close ``streamer``; an evaluating process also deletes the store it built for itself."""
+        try:
+            streamer.close()
+        finally:
+            if self.read_only and streamer.nvme_dir is not None:
+                from ferrytune.offload import NvmeBlockStore
+
+                NvmeBlockStore.remove(streamer.nvme_dir)
+                with contextlib.suppress(OSError):  # only if nothing else is in it
+                    streamer.nvme_dir.rmdir()
+
+    def _claim_output_dir(self) -> None:
+        """A fresh start (step 0): refuse to start over a run in ``output_dir`` unless ``overwrite``,
+        then clear that run's files (only those: the folder may hold other things)."""
+        import shutil
+
+        from ferrytune.errors import ConfigError
+
+        found = [n for n in RUN_FILES if (self.output_dir / n).exists()]
+        if not found:
+            return
+        if not self.cfg.overwrite:
+            raise ConfigError(
+                f"output_dir: {self.output_dir} already holds a run ({', '.join(found)}); resume: auto continues "
+                "it, another output_dir starts beside it, or overwrite: true replaces it")
+        if self.mesh.is_main:
+            logger.warning("overwrite: removing the previous run's %s from %s", ", ".join(found), self.output_dir)
+            for n in found:
+                path = self.output_dir / n
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def _setup_data(self) -> None:
         """Tokenizer, examples, the step-indexed batcher, the metrics file and the resolved config."""
@@ -74,8 +129,9 @@ class StepLoop:
         self.batcher = Batcher(self.train_examples, global_batch_size=t.batch_size,
                                micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
                                rank=mesh.dp_rank, world_size=mesh.data)
-        self.metrics = MetricsWriter(self.output_dir, enabled=mesh.is_main, start_step=self.start_step)
-        if mesh.is_main:
+        writes = mesh.is_main and not self.read_only
+        self.metrics = MetricsWriter(self.output_dir, enabled=writes, start_step=self.start_step)
+        if writes:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 

@@ -25,7 +25,8 @@ import torch
 
 from ferrytune.data import collate, correct_per_sample, eval_batches
 from ferrytune.data import loss_per_sample
-from ferrytune.engine._checkpoint import (_fsync_dir, checkpoint_dir, prune_checkpoints, write_atomic_json)
+from ferrytune.atomic import fsync_dir, write_atomic_json
+from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import build_runtime, weights_from
@@ -66,8 +67,7 @@ class LoraTrainer(StepLoop):
             raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         self._resolve_resume("lora")
-        sub = f"rank{mesh.rank}" if mesh.distributed else None
-        self.rt = build_runtime(cfg, nvme_subdir=sub)
+        self.rt = build_runtime(cfg, nvme_subdir=self.nvme_subdir())
         rt = self.rt
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
@@ -181,11 +181,11 @@ class LoraTrainer(StepLoop):
         self._save_optimizer(tmp)
         write_atomic_json(tmp / "trainer_state.json", {"method": "lora", "step": step, "seed": self.cfg.train.seed,
                                                         "world_size": self.mesh.world_size})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
         logger.info("saved %s", dest)
         return dest
@@ -194,6 +194,8 @@ class LoraTrainer(StepLoop):
         torch.save(self.optim.state_dict(), folder / OPTIM_NAME)
 
     def close(self) -> None:
-        self.handle.remove()
-        self.engine.close()
-        self.rt.streamer.close()
+        try:
+            self.handle.remove()
+            self.engine.close()
+        finally:
+            self.close_streamer(self.rt.streamer)

@@ -151,9 +151,11 @@ class ZOLoraTrainer(LoraTrainer):
             torch.save(self.momentum, folder / MOMENTUM_NAME)
 
     def close(self) -> None:
-        self.stream_handle.remove()
-        self.engine.close()
-        self.rt.streamer.close()
+        try:
+            self.stream_handle.remove()
+            self.engine.close()
+        finally:
+            self.close_streamer(self.rt.streamer)
 
 
 def _params(adapter: Adapter) -> list[torch.nn.Parameter]:

@@ -100,7 +100,7 @@ class ZOTrainer(StepLoop):
         cfg, mesh = self.cfg, self.mesh
         self._resolve_resume("zo")
         source = self.ckpt if self.ckpt is not None else Path(cfg.model.path)
-        sub = f"rank{mesh.rank}" if mesh.distributed else None
+        sub = self.nvme_subdir()
         self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub)
         if cfg.parallel.sliced_loading:
             self.rt = apply_sliced_loading(self.rt, mesh)
@@ -124,7 +124,7 @@ class ZOTrainer(StepLoop):
         self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
                                store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
         self._setup_data()
-        if mesh.is_main:
+        if mesh.is_main and not self.read_only:
             self._trim_log()
 
     def _momentum_init(self, path: Path | None):
@@ -273,8 +273,10 @@ class ZOTrainer(StepLoop):
         logger.info("saved %s", dest)
 
     def close(self) -> None:
-        self.rt.streamer.close()
-        if self.state_streamer is not None:
-            self.state_streamer.close()
-        self.engine.interceptor.uninstall()
+        try:
+            self.engine.interceptor.uninstall()
+            if self.state_streamer is not None:
+                self.close_streamer(self.state_streamer)
+        finally:
+            self.close_streamer(self.rt.streamer)
 

@@ -53,6 +53,10 @@ def eval_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
     res = run_eval(cfg, checkpoint=args.checkpoint)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    if args.output:
+        from ferrytune.atomic import write_atomic_json
+
+        write_atomic_json(Path(args.output), {"checkpoint": args.checkpoint or cfg.model.path, **res})
     return 0
 
 
@@ -74,7 +78,7 @@ def replay_command(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg = cfg.model_copy(update={"resume": "never"})
-    trainer = ZOTrainer(cfg)
+    trainer = ZOTrainer(cfg, read_only=True)  # reads the run's log; writes only OUTPUT_DIR/replayed/
     trainer.setup()
     try:
         dest = trainer.replay(Path(args.log), to_step=args.to_step)

@@ -1,7 +1,7 @@
 """The ``ferrytune`` command line.
 
     ferrytune train [CONFIG.yaml] [--set section.key=value ...] [--ray [--address ADDR]]
-    ferrytune eval CONFIG.yaml [--checkpoint DIR]
+    ferrytune eval CONFIG.yaml [--checkpoint DIR] [--output FILE.json]
     ferrytune plan CONFIG.yaml
     ferrytune replay CONFIG.yaml --log OUTPUT_DIR/zo_log.jsonl
     ferrytune serve | tenants | submit | jobs | status | cancel | fetch   (the LoRA service)
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on data.eval")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="HF folder to evaluate (default: model.path)")
+    p.add_argument("--output", default=None, metavar="FILE.json",
+                   help="also write the result to this JSON file (atomically); nothing else is written")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p = sub.add_parser("replay", help="rebuild a ZO run's weights from its initial weights and zo_log.jsonl")
     _add_config_args(p)

@@ -46,7 +46,9 @@ def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None
 
 
 def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
-    """Evaluate on ``data.eval``: full weights (an HF folder) or, for LoRA configs, a PEFT adapter."""
+    """Evaluate on ``data.eval``: full weights (an HF folder) or, for LoRA configs, a PEFT adapter.
+
+    Read-only: the run folder of ``cfg`` (``output_dir``) is left as it is, also while it trains."""
     from ferrytune.errors import ConfigError
 
     if not cfg.data.eval:
@@ -61,7 +63,7 @@ def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
         if checkpoint:  # an HF model folder
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     cfg = cfg.model_copy(update={"resume": "never", "method": "lora" if lora else "zo"})
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, read_only=True)  # writes nothing into (removes nothing from) output_dir
     trainer.setup()
     try:
         return trainer.evaluate()

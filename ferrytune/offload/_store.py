@@ -216,6 +216,23 @@ class NvmeBlockStore:
                     directory, len(placed), needed / 2**30, len(files))
         return cls._open_files(directory, placed, files, backend, verify, checksum)
 
+    @staticmethod
+    def remove(directory: str | os.PathLike[str]) -> None:
+        """Delete the store in ``directory`` — its manifest and the record files it names, nothing
+        else of the folder (unlike a rmtree). No store there: nothing to do."""
+        directory = Path(directory)
+        manifest = directory / MANIFEST_NAME
+        if not manifest.exists():
+            return
+        try:
+            _, files, _ = _read_manifest(directory)
+            names = [f["name"] for f in files]
+        except StoreError:  # a torn manifest: the files are still ours by their pattern
+            names = [p.name for p in directory.glob("store-*.bin")]
+        for name in names:
+            (directory / name).unlink(missing_ok=True)
+        manifest.unlink()
+
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *, backend: IOBackend | None = None,
              verify: bool = True, records: dict[str, int] | None = None) -> "NvmeBlockStore":

@@ -153,7 +153,7 @@ class BlockStreamer:
             if reuse_store and (self.nvme_dir / "store.json").exists():
                 self._store = NvmeBlockStore.open(self.nvme_dir, backend=self._io, verify=self.verify)
             else:
-                _remove_store(self.nvme_dir)  # the store is scratch: rebuilt from the checkpoint each run
+                NvmeBlockStore.remove(self.nvme_dir)  # the store is scratch: rebuilt from the checkpoint each run
                 self._store = NvmeBlockStore.create(self.nvme_dir, records, backend=self._io, verify=self.verify)
         self._build_slots()
         self._alloc_extra()
@@ -212,7 +212,7 @@ class BlockStreamer:
         outer_numel = self.numel[plan.outer_block]
         nvme = any(t == Tier.NVME for t in plan.home.values())
         zero_copy_nvme = plan.zero_copy and nvme
-        self._pool = None
+        self._pool = self._outer_pool = None
         ring = max(plan.ring_size, plan.staging_buffers, 1) if plan.tier != "resident" or not plan.zero_copy else 0
         esize = _esize(self.compute_dtype if zero_copy_nvme else self.store_dtype)
         if nvme:
@@ -486,14 +486,24 @@ class BlockStreamer:
         return total
 
     def close(self) -> None:
+        """Wait for the writes in flight, then release everything the streamer opened: its threads,
+        the store's files, the IO backend and the host pools — on every path, also when a write
+        failed (that error is raised after the release)."""
         if not self._opened:
             return
-        self.finish_pass()
-        self._ferry.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
-        if self._io is not None:
-            self._io.close()
         self._opened = False
+        try:
+            self.finish_pass()
+        finally:
+            self._ferry.shutdown(wait=True)
+            self._writer.shutdown(wait=True)
+            if self._store is not None:
+                self._store.close()
+            if self._io is not None:
+                self._io.close()
+            for pool in (self._pool, self._outer_pool):
+                if pool is not None:
+                    pool.close()
 
 
 class _nullctx:
@@ -502,16 +512,6 @@ class _nullctx:
 
     def __exit__(self, *a):
         return False
-
-
-def _remove_store(directory: Path) -> None:
-    """Delete a previous run's store files — only those, never the rest of the folder (unlike a rmtree)."""
-    manifest = directory / "store.json"
-    if not manifest.exists():
-        return
-    for f in directory.glob("store-*.bin"):
-        f.unlink()
-    manifest.unlink()
 
 
 def _esize(dtype: torch.dtype) -> int:
