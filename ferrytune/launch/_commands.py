@@ -33,7 +33,7 @@ def load_or_demo(args) -> object:
 def train_command(args) -> int:
     cfg = load_or_demo(args)
     if getattr(args, "ray", False):
-        from ferrytune.parallel._ray import run_on_ray
+        from ferrytune.launch._ray import run_on_ray
 
         return run_on_ray(cfg, address=args.address)
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -18,6 +18,7 @@ import logging
 import sys
 
 from ferrytune.errors import FerrytuneError
+from ferrytune.launch._logging import setup_logging
 
 logger = logging.getLogger("ferrytune")
 
@@ -62,14 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     if add_service_subcommands is not None:
         add_service_subcommands(sub)
     return parser
-
-
-def setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not debug:
-        for noisy in ("transformers", "urllib3", "filelock", "numba"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

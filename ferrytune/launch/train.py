@@ -73,7 +73,7 @@ def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from ferrytune.config import load_config
-    from ferrytune.launch.cli import setup_logging
+    from ferrytune.launch._logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m ferrytune.launch.train")
     p.add_argument("config")

@@ -3,7 +3,6 @@
 * :func:`init_mesh` joins (or adopts) the ``data x perturbation`` process group;
 * :func:`apply_sliced_loading` makes each rank's tier hold 1/N of every block;
 * :class:`AgreementCheck` compares a digest of every rank's training state;
-* :func:`run_on_ray` starts the ranks with Ray Train instead of torchrun.
 
 See ``docs/distributed.md``.
 """
@@ -23,15 +22,8 @@ from ferrytune.parallel._mesh import (
 from ferrytune.parallel._sliced import SlicedBlockStreamer, apply_sliced_loading
 
 
-def run_on_ray(cfg, *, address: str | None = None) -> int:
-    """Run ``cfg`` on Ray Train (imported lazily: Ray is an optional dependency)."""
-    from ferrytune.parallel._ray import run_on_ray as _run
-
-    return _run(cfg, address=address)
-
-
 __all__ = [
     "COLLECTIVE_TIMEOUT_S", "AgreementCheck", "Mesh", "SlicedBlockStreamer", "adapter_sample", "all_gather_tensor",
     "all_reduce_sum_", "apply_sliced_loading", "barrier", "broadcast_object", "disagreeing_ranks", "init_mesh",
-    "new_side_group", "run_on_ray", "shutdown", "zo_sample",
+    "new_side_group", "shutdown", "zo_sample",
 ]

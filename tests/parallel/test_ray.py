@@ -10,7 +10,7 @@ pytest.importorskip("ray.train")
 
 def test_two_ray_workers_perturbation_parallel_equal_single_process(tiny_models, tmp_path):
     from ferrytune.config import config_from_dict
-    from ferrytune.parallel import run_on_ray
+    from ferrytune.launch import run_on_ray
 
     model = tiny_models("llama", layers=2, hidden=32)
     ref = config_dict(model, tmp_path / "ref")

@@ -70,7 +70,7 @@ def run_on_ray(cfg, *, address: str | None = None, collective_timeout_s: float =
 def _worker(loop_config: dict) -> None:
     """One Ray Train worker: the torchrun path, with the process group Ray already set up."""
     from ferrytune.config import config_from_dict
-    from ferrytune.launch.cli import setup_logging
+    from ferrytune.launch._logging import setup_logging
     from ferrytune.launch.train import run
 
     setup_logging(False)
