@@ -25,7 +25,7 @@ import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
 from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
-from ferrytune.offload._stream import BlockStreamer
+from ferrytune.offload import BlockStreamer
 
 
 def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,

@@ -17,8 +17,7 @@ import torch
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.models._layout import OUTER, ModelLayout, load_layout
 from ferrytune.models._safetensors import SafetensorsReader
-from ferrytune.offload._plan import GIB, BlockSize, Plan, make_plan
-from ferrytune.offload._stream import BlockStreamer
+from ferrytune.offload import GIB, BlockSize, BlockStreamer, Plan, build_streamer, make_plan
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def plan_for(cfg, layout: ModelLayout, *, compute: torch.dtype, store: torch.dty
         sizes, outer_block=OUTER, tier=tier or off.tier, prefetch_depth=max(off.prefetch_depth, 1),
         device_budget_bytes=None if off.device_budget_gib is None else int(off.device_budget_gib * GIB),
         host_budget_bytes=int(off.host_budget_gib * GIB),
-        zero_copy=device.type == "cpu" and store == compute)
+        zero_copy=store == compute and (device.type == "cpu" or (tier or off.tier) == "resident"))
 
 
 def build_base_runtime(model_path: str, offload, *, device: str = "cpu", compute_dtype: str = "float32",
@@ -66,8 +65,11 @@ def build_base_runtime(model_path: str, offload, *, device: str = "cpu", compute
 
 
 def build_runtime(cfg, *, nvme_subdir: str | None = None, tier: str | None = None,
-                  store_dtype: torch.dtype | None = None) -> Runtime:
-    """Layout + plan + an unopened streamer for ``cfg`` (no weights read yet)."""
+                  store_dtype: torch.dtype | None = None, sliced_over=None) -> Runtime:
+    """Layout + plan + an unopened streamer for ``cfg`` (no weights read yet).
+
+    ``sliced_over``: a distributed ``Mesh`` whose ranks each keep 1/N of every host/NVMe block
+    (``parallel.sliced_loading``); collective when given."""
     layout = load_layout(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     compute, store = resolve_dtypes(cfg, layout)
     store = store_dtype or store
@@ -76,9 +78,15 @@ def build_runtime(cfg, *, nvme_subdir: str | None = None, tier: str | None = Non
     nvme_dir = cfg.offload.nvme_dir
     if nvme_dir and nvme_subdir:
         nvme_dir = str(Path(nvme_dir) / nvme_subdir)
-    streamer = BlockStreamer(plan, {b: s.numel for b, s in layout.blocks.items()}, device=device,
-                             compute_dtype=compute, store_dtype=store, nvme_dir=nvme_dir,
-                             io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums)
+    slicing = None
+    if sliced_over is not None:
+        from ferrytune.parallel import sliced_loading
+
+        slicing = sliced_loading(sliced_over, plan)
+    streamer = build_streamer(plan, {b: s.numel for b, s in layout.blocks.items()}, device=device,
+                              compute_dtype=compute, store_dtype=store, nvme_dir=nvme_dir,
+                              io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
+                              slicing=slicing)
     return Runtime(layout, plan, streamer, device, compute, store)
 
 

@@ -39,7 +39,7 @@ import torch
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
 from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
-from ferrytune.offload._stream import BlockStreamer
+from ferrytune.offload import BlockStreamer
 
 logger = logging.getLogger(__name__)
 

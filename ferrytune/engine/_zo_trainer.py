@@ -25,8 +25,8 @@ from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
 from ferrytune.errors import CheckpointError
-from ferrytune.offload._stream import BlockStreamer
-from ferrytune.parallel import AgreementCheck, SlicedBlockStreamer, apply_sliced_loading, zo_sample
+from ferrytune.offload import build_streamer
+from ferrytune.parallel import AgreementCheck, zo_sample
 from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
 
 logger = logging.getLogger(__name__)
@@ -101,16 +101,14 @@ class ZOTrainer(StepLoop):
         self._resolve_resume("zo")
         source = self.ckpt if self.ckpt is not None else Path(cfg.model.path)
         sub = self.nvme_subdir()
-        self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub)
-        if cfg.parallel.sliced_loading:
-            self.rt = apply_sliced_loading(self.rt, mesh)
+        self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub, sliced_over=mesh if cfg.parallel.sliced_loading else None)
         rt = self.rt
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(source, rt.layout))
         self.state_streamer = None
         if cfg.zo.momentum > 0:
-            self.state_streamer = BlockStreamer(
+            self.state_streamer = build_streamer(
                 rt.plan, {b: s.numel for b, s in rt.layout.blocks.items()}, device=rt.device,
                 compute_dtype=torch.float32, store_dtype=torch.float32,
                 nvme_dir=None if not cfg.offload.nvme_dir else str(Path(cfg.offload.nvme_dir) / f"momentum{'-' + sub if sub else ''}"),
@@ -171,7 +169,7 @@ class ZOTrainer(StepLoop):
         self._save(final, self.cfg.train.steps)
 
     def check_agreement(self, step: int) -> None:
-        sliced = isinstance(self.rt.streamer, SlicedBlockStreamer)  # slices differ by design: no weight sample
+        sliced = self.rt.streamer.sliced  # slices differ by design: no weight sample
         if self.mesh.distributed:
             self.agree.check(step, sample=zo_sample(self.engine, step=step, with_params=not sliced))
 
@@ -252,7 +250,7 @@ class ZOTrainer(StepLoop):
         self.engine.flush()
         rt = self.rt
         if not self.mesh.is_main:
-            if isinstance(rt.streamer, SlicedBlockStreamer):  # rank 0's read_master gathers every slice
+            if rt.streamer.sliced:  # rank 0's read_master gathers every slice
                 rt.streamer.serve_master_reads(list(rt.layout.blocks))
             return
 

@@ -7,16 +7,14 @@ a power of two (pytorch#95823). Here every buffer is one ``mmap`` of exactly
 with CUDA in place (``cudaHostRegister``) when pinning is asked for and
 possible, and never replaced: host memory is ``num_buffers * buffer_bytes``.
 
-Each buffer carries an explicit state so misuse (reading into a buffer that is
-being written, releasing twice) raises instead of corrupting data::
-
-    FREE -> FILLING -> READY -> IN_USE -> WRITING -> FREE
-    (any state but FREE may go straight back to FREE via release())
+A buffer is either free (in the pool) or held (acquired); releasing a free buffer, or one of
+another pool, raises instead of corrupting data. What a held buffer is doing (filling, being
+written back) is the state of the streamer slot that owns it (``_ferry.py``, one checked
+machine), not a second machine here.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import mmap
 import threading
@@ -32,27 +30,8 @@ from ferrytune.offload._io import aligned_buffer, buffer_address, round_up
 logger = logging.getLogger(__name__)
 
 
-class BufferState(enum.Enum):
-    """Life cycle of one host buffer (see the module docstring)."""
-
-    FREE = "free"          # in the pool, owned by nobody
-    FILLING = "filling"    # acquired; a read from disk (or a copy) is writing into it
-    READY = "ready"        # holds a complete block, not yet consumed
-    IN_USE = "in_use"      # the consumer (copy to device, update on host) reads or edits it
-    WRITING = "writing"    # its bytes are being written back to disk; must not change
-
-
-_LEGAL: dict[BufferState, frozenset[BufferState]] = {
-    BufferState.FREE: frozenset({BufferState.FILLING}),
-    BufferState.FILLING: frozenset({BufferState.READY, BufferState.FREE}),
-    BufferState.READY: frozenset({BufferState.IN_USE, BufferState.FREE}),
-    BufferState.IN_USE: frozenset({BufferState.WRITING, BufferState.FREE}),
-    BufferState.WRITING: frozenset({BufferState.FREE}),
-}
-
-
-class BufferStateError(FerrytuneError):
-    """An illegal buffer state transition: a bug in the caller, not in user input."""
+class PoolError(FerrytuneError):
+    """A misuse of the pool (a double release, a buffer of another pool): a bug in the caller."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +56,7 @@ class HostBuffer:
         self.index = index
         self._mem = mem
         self.nbytes = len(mem)
-        self.state = BufferState.FREE
+        self.held = False
         with memoryview(mem) as view:
             self.address = buffer_address(view)  # an mmap never moves
 
@@ -85,17 +64,6 @@ class HostBuffer:
     def view(self) -> memoryview:
         """The whole buffer as a flat writable byte view (what the IO backend takes)."""
         return memoryview(self._mem)
-
-    def transition(self, new: BufferState) -> None:
-        """Move to ``new``; raises :class:`BufferStateError` if the move is illegal."""
-        with self.pool._cond:
-            self._transition_locked(new)
-
-    def _transition_locked(self, new: BufferState) -> None:
-        if new not in _LEGAL[self.state]:
-            raise BufferStateError(
-                f"host buffer {self.index}: illegal transition {self.state.name} -> {new.name}")
-        self.state = new
 
     def tensor(self, dtype: torch.dtype, numel: int, offset: int = 0) -> torch.Tensor:
         """A 1-D ``dtype`` tensor of ``numel`` elements at byte ``offset``, sharing memory."""
@@ -110,7 +78,7 @@ class HostBuffer:
         return torch.frombuffer(self._mem, dtype=dtype, count=numel, offset=offset)
 
     def __repr__(self) -> str:
-        return f"HostBuffer(index={self.index}, nbytes={self.nbytes}, state={self.state.name})"
+        return f"HostBuffer(index={self.index}, nbytes={self.nbytes}, held={self.held})"
 
 
 class HostBufferPool:
@@ -160,7 +128,7 @@ class HostBufferPool:
                              self._num_allocations, self._num_acquires, self._num_waits, self._wait_s)
 
     def acquire(self, timeout_s: float | None = None) -> HostBuffer:
-        """Take a free buffer (state FREE -> FILLING), waiting up to ``timeout_s``.
+        """Take a free buffer, waiting up to ``timeout_s``.
 
         Raises :class:`FerrytuneError` on timeout: with a correct schedule the pool
         can only run dry transiently, so a long wait means a leak or too few buffers.
@@ -181,16 +149,18 @@ class HostBufferPool:
                         f"{self.buffer_bytes} bytes): a buffer was not released, or the pool is "
                         "too small for offload.prefetch_depth; raise offload.host_budget_gib")
             buf = self._free.pop()
-            buf._transition_locked(BufferState.FILLING)
+            buf.held = True
             self._num_acquires += 1
             return buf
 
     def release(self, buf: HostBuffer) -> None:
-        """Return ``buf`` to the pool from any state but FREE (double release raises)."""
+        """Return a held ``buf`` to the pool (a double release raises)."""
         if buf.pool is not self:
-            raise BufferStateError(f"{buf!r} does not belong to this pool")
+            raise PoolError(f"{buf!r} does not belong to this pool")
         with self._cond:
-            buf._transition_locked(BufferState.FREE)
+            if not buf.held:
+                raise PoolError(f"host buffer {buf.index} released twice")
+            buf.held = False
             self._free.append(buf)
             self._cond.notify()
 

@@ -1,7 +1,8 @@
 """Process groups and the distributed layouts of ferrytune.
 
 * :func:`init_mesh` joins (or adopts) the ``data x perturbation`` process group;
-* :func:`apply_sliced_loading` makes each rank's tier hold 1/N of every block;
+* :func:`sliced_loading` makes each rank's host/NVMe home hold 1/N of every block (a home
+  wrapped around the tier's own, given to ``ferrytune.offload.build_streamer``);
 * :class:`AgreementCheck` compares a digest of every rank's training state;
 
 See ``docs/distributed.md``.
@@ -19,11 +20,11 @@ from ferrytune.parallel._mesh import (
     new_side_group,
     shutdown,
 )
-from ferrytune.parallel._sliced import SlicedBlockStreamer, apply_sliced_loading
+from ferrytune.parallel._sliced import SlicedHome, SlicedLoading, sliced_loading
 
 
 __all__ = [
-    "COLLECTIVE_TIMEOUT_S", "AgreementCheck", "Mesh", "SlicedBlockStreamer", "adapter_sample", "all_gather_tensor",
-    "all_reduce_sum_", "apply_sliced_loading", "barrier", "broadcast_object", "disagreeing_ranks", "init_mesh",
+    "COLLECTIVE_TIMEOUT_S", "AgreementCheck", "Mesh", "SlicedHome", "SlicedLoading", "adapter_sample",
+    "all_gather_tensor", "all_reduce_sum_", "sliced_loading", "barrier", "broadcast_object", "disagreeing_ranks", "init_mesh",
     "new_side_group", "shutdown", "zo_sample",
 ]

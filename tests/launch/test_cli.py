@@ -95,7 +95,7 @@ def test_corrupt_nvme_record_is_detected(tiny_models, cfg_factory, capsys):
     tr = ZOTrainer(cfg)
     tr.setup()
     try:
-        store = tr.rt.streamer._store
+        store = tr.rt.streamer.nvme_store
         rec = store.record("layer.1")
         path = sorted(store.directory.glob("store-*.bin"))[rec.file]
         off = rec.offset

@@ -11,9 +11,8 @@ import torch.multiprocessing as mp
 from dist_testlib import assert_same_weights, config_dict, free_port, metrics, run_single, torchrun, write_config
 
 from ferrytune.data import demo_data_path
-from ferrytune.offload._plan import BlockSize, Tier, make_plan
-from ferrytune.offload._stream import BlockStreamer
-from ferrytune.parallel import Mesh, SlicedBlockStreamer, new_side_group
+from ferrytune.offload import BlockSize, Tier, build_streamer, make_plan
+from ferrytune.parallel import Mesh, SlicedLoading, new_side_group
 
 # odd sizes: padding on the last rank, and a block smaller than the world (empty slices)
 NUMEL = {"outer": 1001, "layers.0": 777, "layers.1": 3, "layers.2": 4099}
@@ -24,9 +23,9 @@ def _values(b: str, flat: torch.Tensor) -> None:
     flat.copy_(torch.randn(flat.numel(), generator=g).to(flat.dtype))
 
 
-def _streamer(cls, plan, store_dtype, nvme_dir, **kw):
-    return cls(plan, NUMEL, device=torch.device("cpu"), compute_dtype=torch.float32, store_dtype=store_dtype,
-               nvme_dir=str(nvme_dir), io_threads=2, **kw)
+def _streamer(plan, store_dtype, nvme_dir, slicing=None):
+    return build_streamer(plan, NUMEL, device=torch.device("cpu"), compute_dtype=torch.float32,
+                          store_dtype=store_dtype, nvme_dir=str(nvme_dir), io_threads=2, slicing=slicing)
 
 
 VARIANTS = [("nvme", "float32"), ("host", "bfloat16"), ("nvme", "bfloat16")]  # zero-copy NVMe, host, staged NVMe
@@ -49,9 +48,8 @@ def _check_variant(mesh: Mesh, tier: str, store: str, tmp: str) -> None:
     sizes = {b: BlockSize(n * es, n * 4) for b, n in NUMEL.items()}
     plan = make_plan(sizes, outer_block="outer", tier=tier, prefetch_depth=2, device_budget_bytes=None,
                      host_budget_bytes=None, zero_copy=store_dtype == torch.float32)
-    whole = _streamer(BlockStreamer, plan, store_dtype, f"{tmp}/whole{rank}")
-    sliced = _streamer(SlicedBlockStreamer, plan, store_dtype, f"{tmp}/sliced{rank}", mesh=mesh,
-                       group=new_side_group(mesh))
+    whole = _streamer(plan, store_dtype, f"{tmp}/whole{rank}")
+    sliced = _streamer(plan, store_dtype, f"{tmp}/sliced{rank}", slicing=SlicedLoading(mesh, new_side_group(mesh)))
     whole.open(_values)
     sliced.open(_values)
     order = list(NUMEL)

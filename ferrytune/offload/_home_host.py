@@ -1,0 +1,79 @@
+"""Masters in host memory: one page-aligned allocation, carved into blocks, allocated once.
+
+On CUDA the allocation is page-locked in place (``cudaHostRegister``) so copies to the device are
+asynchronous DMA; a failed pin is reported (and the run continues pageable), and ``close``
+unregisters it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ferrytune.offload._copy import Copier
+from ferrytune.offload._home import esize, read_master_whole, read_whole, write_whole
+from ferrytune.offload._io import aligned_buffer, as_uint8_tensor
+from ferrytune.offload._plan import Tier
+
+logger = logging.getLogger(__name__)
+
+_PAGE = 4096
+
+
+class HostArenaHome:
+    tier = Tier.HOST
+    collective = False
+
+    def __init__(self, numel: dict[str, int], store_dtype: torch.dtype, *, pin: bool) -> None:
+        """``numel``: elements of each block's home (the whole block, or this rank's slice)."""
+        self.store_dtype = store_dtype
+        es = esize(store_dtype)
+        offsets, total = {}, 0
+        for b, n in numel.items():
+            offsets[b] = total
+            total += -(-n * es // _PAGE) * _PAGE
+        self._mem = aligned_buffer(max(total, _PAGE))
+        raw = as_uint8_tensor(self._mem)
+        self.host_bytes = len(self._mem)
+        self._pinned_ptr = _pin(raw) if pin else None
+        self._masters = {b: raw[offsets[b]:offsets[b] + n * es].view(store_dtype) for b, n in numel.items()}
+
+    def fill(self, b: str, values: torch.Tensor, staging: Any = None) -> None:
+        self._masters[b].copy_(values)
+
+    def source(self, b: str, staging: Any = None) -> torch.Tensor:
+        return self._masters[b]
+
+    target = source
+
+    def commit(self, b: str, staging: Any = None) -> None:
+        pass
+
+    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+        return read_whole(self, b, work, staging, copier)
+
+    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+        return write_whole(self, b, work, staging, copier)
+
+    def read_master(self, b: str, out: torch.Tensor, staging: Any = None) -> None:
+        read_master_whole(self, b, out, staging)
+
+    def close(self) -> None:
+        if self._pinned_ptr is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            self._pinned_ptr = None
+
+
+def _pin(t: torch.Tensor) -> int | None:
+    """Page-lock ``t`` in place; its address, or None (with a warning) when CUDA refuses."""
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0))
+    except Exception as e:  # pinning is an optimisation: never abort for it
+        err = e
+    if err != 0:
+        logger.warning("could not pin %d MiB of host memory (%s); transfers stay pageable. Raise the "
+                       "locked-memory limit (ulimit -l) or lower offload.host_budget_gib", t.numel() >> 20, err)
+        return None
+    return t.data_ptr()

@@ -1,0 +1,75 @@
+"""Masters on NVMe: one O_DIRECT record per block in a checksummed block store.
+
+The store is scratch, rebuilt from the checkpoint at every open (a previous run's store in the
+folder is removed first). Reads and writes go through the slot's page-aligned staging buffer;
+with zero copy (CPU device, store dtype == compute dtype) that buffer *is* the working copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ferrytune.errors import FerrytuneError
+from ferrytune.offload._copy import Copier
+from ferrytune.offload._home import esize, read_master_whole, read_whole, write_whole
+from ferrytune.offload._io import ThreadedDirectIO
+from ferrytune.offload._plan import Tier
+from ferrytune.offload._store import NvmeBlockStore
+
+
+class NvmeHome:
+    tier = Tier.NVME
+    collective = False
+    host_bytes = 0  # the staging buffers belong to the streamer's slots
+
+    def __init__(self, directory: str | Path | None, numel: dict[str, int], store_dtype: torch.dtype, *,
+                 io_threads: int = 8, verify: bool = True) -> None:
+        if directory is None:
+            raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
+        self.directory = Path(directory)
+        self.numel = dict(numel)
+        self.store_dtype = store_dtype
+        self._es = esize(store_dtype)
+        self._io = ThreadedDirectIO(num_threads=io_threads)
+        try:
+            NvmeBlockStore.remove(self.directory)  # scratch: rebuilt from the checkpoint each run
+            self.store = NvmeBlockStore.create(self.directory, {b: n * self._es for b, n in numel.items()},
+                                               backend=self._io, verify=verify)
+        except BaseException:
+            self._io.close()
+            raise
+
+    def fill(self, b: str, values: torch.Tensor, staging: Any) -> None:
+        self.target(b, staging).copy_(values)
+        self.commit(b, staging)
+
+    def source(self, b: str, staging: Any) -> torch.Tensor:
+        self.store.read(b, staging)  # verifies the record's checksum
+        return staging.tensor(self.store_dtype, self.numel[b])
+
+    def target(self, b: str, staging: Any) -> torch.Tensor:
+        return staging.tensor(self.store_dtype, self.numel[b])
+
+    def commit(self, b: str, staging: Any) -> None:
+        self.store.write(b, staging, self.numel[b] * self._es)
+
+    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+        return read_whole(self, b, work, staging, copier)
+
+    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+        return write_whole(self, b, work, staging, copier)
+
+    def read_master(self, b: str, out: torch.Tensor, staging: Any) -> None:
+        read_master_whole(self, b, out, staging)
+
+    def close(self) -> None:
+        if self._io is None:
+            return
+        try:
+            self.store.close()
+        finally:
+            self._io.close()
+            self._io = None
