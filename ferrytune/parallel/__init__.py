@@ -18,6 +18,7 @@ from ferrytune.parallel._mesh import (
     broadcast_object,
     init_mesh,
     new_side_group,
+    placed,
     shutdown,
 )
 from ferrytune.parallel._sliced import SlicedHome, SlicedLoading, sliced_loading
@@ -26,5 +27,5 @@ from ferrytune.parallel._sliced import SlicedHome, SlicedLoading, sliced_loading
 __all__ = [
     "COLLECTIVE_TIMEOUT_S", "AgreementCheck", "Mesh", "SlicedHome", "SlicedLoading", "adapter_sample",
     "all_gather_tensor", "all_reduce_sum_", "sliced_loading", "barrier", "broadcast_object", "disagreeing_ranks", "init_mesh",
-    "new_side_group", "shutdown", "zo_sample",
+    "new_side_group", "placed", "shutdown", "zo_sample",
 ]

@@ -39,6 +39,7 @@ class Mesh:
     perturbation: int = 1
     owns_group: bool = False  # init_mesh created the process group (and shutdown destroys it)
     collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # also bounds the groups made later (new_side_group)
+    comm_device: str = "cpu"  # where the backend's collectives take their tensors: "cpu" (gloo), "cuda:N" (nccl)
 
     @property
     def dp_rank(self) -> int:
@@ -77,19 +78,24 @@ def init_mesh(parallel_cfg, *, device: str, timeout_s: float = COLLECTIVE_TIMEOU
         raise ConfigError(
             f"parallel.data x parallel.perturbation = {parallel_cfg.data} x {parallel_cfg.perturbation} = {want} "
             f"but {world} process(es) were started; launch with torchrun --nproc-per-node {want} or change parallel.*")
+    comm = "cpu"
     if owns:
         backend = parallel_cfg.backend
         if backend == "auto":
             backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if backend == "nccl":
+            comm = f"cuda:{torch.cuda.current_device()}"
         _import_group_snapshotters()
         try:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"rank {rank}: could not join the process group ({_first_line(e)}); "
                                    "check MASTER_ADDR/MASTER_PORT or the torchrun rendezvous") from e
-    return Mesh(world, rank, parallel_cfg.data, parallel_cfg.perturbation, owns, timeout_s)
+    elif world > 1 and dist.get_backend() == "nccl":  # adopted (Ray Train): its device is the current one
+        comm = f"cuda:{torch.cuda.current_device()}"
+    return Mesh(world, rank, parallel_cfg.data, parallel_cfg.perturbation, owns, timeout_s, comm)
 
 
 def _import_group_snapshotters() -> None:
@@ -119,27 +125,40 @@ def new_side_group(mesh: Mesh):
     return dist.new_group(ranks=list(range(mesh.world_size)), timeout=timedelta(seconds=mesh.collective_timeout_s))
 
 
+def placed(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """``t`` where the backend's collectives take it: itself if it is there, else a copy (nccl
+    refuses CPU tensors; the loss tables and digests are built on the CPU). Every collective
+    below goes through this one function."""
+    dev = torch.device(mesh.comm_device)
+    return t if t.device == dev else t.to(dev)
+
+
 def all_reduce_sum_(t: torch.Tensor, mesh: Mesh, *, group=None) -> torch.Tensor:
     """Sum ``t`` over all ranks in place (a no-op on one process)."""
     if mesh.distributed:
-        _guard(mesh, "all_reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
+        buf = placed(t, mesh)
+        _guard(mesh, "all_reduce", lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group))
+        if buf is not t:
+            t.copy_(buf)
     return t
 
 
 def all_gather_tensor(t: torch.Tensor, mesh: Mesh, *, group=None) -> list[torch.Tensor]:
-    """Every rank's ``t`` (same shape and dtype on all ranks), indexed by rank."""
+    """Every rank's ``t`` (same shape and dtype on all ranks), indexed by rank, on ``t``'s device."""
     if not mesh.distributed:
         return [t]
-    out = [torch.empty_like(t) for _ in range(mesh.world_size)]
-    _guard(mesh, "all_gather", lambda: dist.all_gather(out, t, group=group))
-    return out
+    buf = placed(t, mesh)
+    out = [torch.empty_like(buf) for _ in range(mesh.world_size)]
+    _guard(mesh, "all_gather", lambda: dist.all_gather(out, buf, group=group))
+    return [o.to(t.device) for o in out]
 
 
 def broadcast_object(obj, mesh: Mesh):
     if not mesh.distributed:
         return obj
     box = [obj]
-    _guard(mesh, "broadcast", lambda: dist.broadcast_object_list(box, src=0))
+    dev = torch.device(mesh.comm_device)
+    _guard(mesh, "broadcast", lambda: dist.broadcast_object_list(box, src=0, device=dev))
     return box[0]
 
 
