@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
+from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, chained_copies, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
 from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
@@ -44,17 +45,6 @@ from ferrytune.offload import BlockStreamer
 logger = logging.getLogger(__name__)
 
 SR_INDEX = 1 << 20  # perturbation index reserved for the stochastic-rounding stream
-
-
-@dataclass(frozen=True)
-class ZOHyper:
-    eps: float
-    num_perturbations: int
-    distribution: str
-    update: str  # "sgd" | "sign"
-    momentum: float
-    weight_decay: float
-    seed: int
 
 
 @dataclass
@@ -172,8 +162,8 @@ class ZOEngine:
             for p in self.layout.blocks[b].params:
                 v = _view(flat, p)
                 for k in range(self.h.num_perturbations):
-                    for alpha in (self.h.eps, -2 * self.h.eps, self.h.eps):
-                        self._perturb(v, step, k, p, alpha)
+                    for mult in CHAIN:
+                        self._perturb(v, step, k, p, mult * self.h.eps)
             self.streamer.release(b, dirty=True)
         self.streamer.finish_pass()
         if momentum:
@@ -214,7 +204,7 @@ class ZOEngine:
             for k in sorted({s[0] for s in ps.streams}):
                 shared_vals = {p.param_id: self._shared_values(p, flat, ps.step, k) for p in shared}
                 chain = _Chain(self, flat, own, ps.step, k)
-                for sign, mult in ((1, 1), (-1, -2)):
+                for sign, mult in zip(SIGNS, CHAIN):
                     chain.apply(mult)
                     if (k, sign) in ps.streams:
                         for p in shared:
@@ -224,7 +214,7 @@ class ZOEngine:
                             c = i * ps.num_micro + m
                             a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
-                chain.apply(1)
+                chain.apply(CHAIN[2])
             for p in shared:
                 bind(p, _view(flat, p))
             outs = [by_stream[(k, sign, m)] for k, sign in ps.streams for m in range(ps.num_micro)]
@@ -256,12 +246,7 @@ class ZOEngine:
         cache = self._pass.shared_cache
         if (p.param_id, k) not in cache:
             base = self._pass.shared_restored.get(p.param_id, _view(flat, p))
-            plus = base.clone()
-            self._perturb(plus, step, k, p, self.h.eps)
-            minus = plus.clone()
-            self._perturb(minus, step, k, p, -2 * self.h.eps)
-            restored = minus.clone()
-            self._perturb(restored, step, k, p, self.h.eps)
+            plus, minus, restored = chained_copies(base, lambda t, a: self._perturb(t, step, k, p, a), self.h.eps)
             cache[(p.param_id, k)] = {1: plus, -1: minus}
             self._pass.shared_restored[p.param_id] = restored
         return cache[(p.param_id, k)]
@@ -270,28 +255,13 @@ class ZOEngine:
     def _apply_update(self, b: str, flat: torch.Tensor) -> None:
         upd = self.pending
         h = self.h
-        q = len(upd.grads)
         mom = None
         if self.state_streamer is not None:
             mom = self.state_streamer.acquire(b)
         for p in self.layout.blocks[b].params:
             v = _view(flat, p)
-            if h.weight_decay and len(p.shape) >= 2:
-                v.mul_(1.0 - upd.lr * h.weight_decay)
-            if h.update == "sgd" and mom is None:
-                for k, g in enumerate(upd.grads):
-                    self._perturb(v, upd.step, k, p, -upd.lr * g / q)
-            else:
-                d = torch.zeros(p.shape, dtype=torch.float32, device=self.device)
-                for k, g in enumerate(upd.grads):
-                    self._perturb(d, upd.step, k, p, g / q)
-                if mom is not None:
-                    m = _view(mom, p)
-                    m.mul_(h.momentum).add_(d)
-                    d = m
-                if h.update == "sign":
-                    d = torch.sign(d)
-                v.add_(d, alpha=-upd.lr)
+            zo_update_(v, lambda t, k, a, p=p: self._perturb(t, upd.step, k, p, a), upd.grads, lr=upd.lr, hyper=h,
+                       momentum=None if mom is None else _view(mom, p))
             if self.store_dtype != torch.float32:
                 # bf16 masters: round stochastically so updates far below one ulp survive in expectation.
                 lo = self._round_buffer(p.numel).view(p.shape)

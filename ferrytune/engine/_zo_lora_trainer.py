@@ -21,6 +21,7 @@ from ferrytune.data import loss_per_sample
 from ferrytune.engine._lora_trainer import LoraTrainer
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._loop import StepResult
+from ferrytune.engine._zo_math import ZOHyper, chained_copies, zo_update_
 from ferrytune.engine._zo_trainer import grads_from, pad_positions, streams_for
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.lora import Adapter, Router, attach
@@ -104,10 +105,9 @@ class ZOLoraTrainer(LoraTrainer):
         values = {}
         for k in range(z_cfg.num_perturbations):
             zs = self._z(step, k)
-            plus = [b.clone().add_(z, alpha=z_cfg.eps) for b, z in zip(base, zs)]
-            minus = [p.clone().add_(z, alpha=-2 * z_cfg.eps) for p, z in zip(plus, zs)]
-            base = [m.clone().add_(z, alpha=z_cfg.eps) for m, z in zip(minus, zs)]
-            values[(k, 1)], values[(k, -1)] = plus, minus
+            links = [chained_copies(b, lambda t, a, z=z: t.add_(z, alpha=a), z_cfg.eps) for b, z in zip(base, zs)]
+            values[(k, 1)], values[(k, -1)] = [c[0] for c in links], [c[1] for c in links]
+            base = [c[2] for c in links]
         return values, base
 
     def _z(self, step: int, k: int) -> list[torch.Tensor]:
@@ -116,24 +116,13 @@ class ZOLoraTrainer(LoraTrainer):
                 for i, p in enumerate(self.theta)]
 
     def _update(self, step: int, grads: list[float], restored: list[torch.Tensor], lr: float) -> None:
-        z_cfg, wd = self.cfg.zo, self.cfg.train.weight_decay
-        q = len(grads)
-        zs = [self._z(step, k) for k in range(q)]
+        hyper = ZOHyper.from_config(self.cfg.zo, self.cfg.train)
+        zs = [self._z(step, k) for k in range(len(grads))]
         with torch.no_grad():
             for i, p in enumerate(self.theta):
                 p.copy_(restored[i])
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                if z_cfg.update == "sgd" and self.momentum is None:
-                    for k, g in enumerate(grads):
-                        p.add_(zs[k][i], alpha=-lr * g / q)
-                    continue
-                d = torch.zeros_like(p)
-                for k, g in enumerate(grads):
-                    d.add_(zs[k][i], alpha=g / q)
-                if self.momentum is not None:
-                    d = self.momentum[i].mul_(z_cfg.momentum).add_(d)
-                p.add_(torch.sign(d) if z_cfg.update == "sign" else d, alpha=-lr)
+                zo_update_(p, lambda t, k, a, i=i: t.add_(zs[k][i], alpha=a), grads, lr=lr, hyper=hyper,
+                           momentum=None if self.momentum is None else self.momentum[i])
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:

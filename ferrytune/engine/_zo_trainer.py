@@ -23,7 +23,8 @@ from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, sav
 from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
-from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine, ZOHyper
+from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine
+from ferrytune.engine._zo_math import ZOHyper
 from ferrytune.errors import CheckpointError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
@@ -115,10 +116,7 @@ class ZOTrainer(StepLoop):
                 io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums)
             mom_file = self.ckpt / "zo_momentum.safetensors" if self.ckpt else None
             self.state_streamer.open(self._momentum_init(mom_file))
-        z = cfg.zo
-        hyper = ZOHyper(eps=z.eps, num_perturbations=z.num_perturbations, distribution=z.distribution,
-                        update=z.update, momentum=z.momentum, weight_decay=cfg.train.weight_decay,
-                        seed=cfg.train.seed)
+        hyper = ZOHyper.from_config(cfg.zo, cfg.train)
         self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
                                store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
         self._setup_data()

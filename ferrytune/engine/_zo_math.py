@@ -1,0 +1,75 @@
+"""The zeroth-order arithmetic, in one place: MeZO's perturbation chain and the update rule.
+
+Both ZO trainers (full model: ``_zo.py``; LoRA adapters: ``_zo_lora_trainer.py``) call these,
+each with its own way of adding ``alpha * z_k`` (``add_z``): the fused counter-based kernel on a
+streamed block, or a generated z on a resident adapter. The operations and their order are the
+ones the bit-identity tests hold against plain MeZO loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CHAIN = (1, -2, 1)
+"""MeZO's in-place multipliers of εz per perturbation: θ+εz (stream +), θ−εz (stream −), θ again."""
+
+SIGNS = (1, -1)
+"""The stream each of the first two links of ``CHAIN`` evaluates."""
+
+
+@dataclass(frozen=True)
+class ZOHyper:
+    eps: float
+    num_perturbations: int
+    distribution: str
+    update: str  # "sgd" | "sign"
+    momentum: float
+    weight_decay: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, zo, train) -> "ZOHyper":
+        """From the ``zo`` and ``train`` sections of a config."""
+        return cls(eps=zo.eps, num_perturbations=zo.num_perturbations, distribution=zo.distribution,
+                   update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed)
+
+
+def chained_copies(base: torch.Tensor, add: Callable[[torch.Tensor, float], None],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(θ+εz, θ−εz, θ restored)`` as new tensors, each one link of ``CHAIN`` after the previous,
+    with ``add(t, alpha)`` doing ``t += alpha * z`` (for values that cannot be perturbed in place)."""
+    out, cur = [], base
+    for mult in CHAIN:
+        cur = cur.clone()
+        add(cur, mult * eps)
+        out.append(cur)
+    return out[0], out[1], out[2]
+
+
+def zo_update_(v: torch.Tensor, add_z: Callable[[torch.Tensor, int, float], None], grads: Sequence[float], *,
+               lr: float, hyper: ZOHyper, momentum: torch.Tensor | None = None) -> None:
+    """One ZO step on parameter ``v`` in place, from the projected gradients ``g_k`` of its q perturbations.
+
+    ``d = Σ_k g_k z_k / q``; with momentum ``m ← β m + d`` and ``d = m``; ``update: sign`` takes
+    ``sign(d)``; then ``v ← v (1 − lr·wd) − lr·d`` (weight decay on matrices only). Plain SGD
+    without momentum adds each ``−lr·g_k/q · z_k`` straight into ``v`` (no d buffer: MeZO's
+    update). ``add_z(t, k, alpha)`` does ``t += alpha * z_k``.
+    """
+    q = len(grads)
+    if hyper.weight_decay and v.dim() >= 2:
+        v.mul_(1.0 - lr * hyper.weight_decay)
+    if hyper.update == "sgd" and momentum is None:
+        for k, g in enumerate(grads):
+            add_z(v, k, -lr * g / q)
+        return
+    d = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for k, g in enumerate(grads):
+        add_z(d, k, g / q)
+    if momentum is not None:
+        d = momentum.mul_(hyper.momentum).add_(d)
+    if hyper.update == "sign":
+        d = torch.sign(d)
+    v.add_(d, alpha=-lr)
