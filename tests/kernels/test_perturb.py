@@ -202,15 +202,18 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _child(queue) -> None:
+    # Only ferrytune's kernels run in the child, and the values go back as bytes: a torch reduction
+    # (``.sum()``) after a fork deadlocks in libgomp when the parent's OpenMP pool was up (a torch
+    # limitation), and a float sum would depend on the thread count anyway.
     set_num_threads(2)
-    queue.put(perturbation(KEY, 50_000).sum().item())
+    queue.put(perturbation(KEY, 50_000).numpy().tobytes())
 
 
 def test_threads_work_after_fork(small_spans):
     import multiprocessing
 
     set_num_threads(2)
-    expected = perturbation(KEY, 50_000).sum().item()  # starts the pool in the parent
+    expected = perturbation(KEY, 50_000).numpy().tobytes()  # starts the pool in the parent
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue,))
