@@ -226,8 +226,11 @@ class Controller:
             self._transition(job_id, JobState.RUNNING, JobState.CANCELLED, "cancelled by its tenant",
                              finished_at=time.time(), worker_id=None)
         elif state == "removed":
+            ckpt = entry.get("checkpoint_step")
+            if ckpt is None:  # removed while its data was still loading: nothing trained here
+                ckpt = self.store.job(job_id).checkpoint_step
             self._transition(job_id, JobState.RUNNING, JobState.QUEUED,
-                             f"preempted at step {entry.get('checkpoint_step')}; checkpointed", worker_id=None)
+                             f"preempted at step {ckpt}; checkpointed", worker_id=None)
 
     def _fail_worker_jobs(self, worker: _Worker, reason: str) -> None:
         for job_id in list(worker.job_ids):
