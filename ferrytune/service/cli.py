@@ -104,7 +104,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
 def tenants_main(args: argparse.Namespace) -> int:
     from ferrytune.service._paths import StateLayout
-    from ferrytune.service._store import JobStore
+    from ferrytune.service._store import JobStore, TenantError
 
     layout = StateLayout(args.state_dir)
     layout.ensure_root()
@@ -127,7 +127,12 @@ def tenants_main(args: argparse.Namespace) -> int:
         elif args.tenants_command == "limits":
             changes = {k: v for k, v in _limits_from(args).items() if v is not None}
             changes.update({k: None for k in args.clear or []})
-            own = store.set_limits(args.name, changes) if changes else store.tenant(args.name).overrides
+            if changes:
+                own = store.set_limits(args.name, changes)
+            elif (record := store.tenant(args.name)) is not None:
+                own = record.overrides
+            else:
+                raise TenantError(f"tenant {args.name!r}: no such tenant")
             print(f"tenant {args.name!r} limits: " + (", ".join(f"{k}={v}" for k, v in sorted(own.items()))
                                                      or "the service's defaults"))
         else:
