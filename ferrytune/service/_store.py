@@ -266,7 +266,8 @@ class JobStore:
         """Merge ``overrides`` (None removes one) into the tenant's limits; returns the tenant's overrides."""
         unknown = set(overrides) - set(TenantLimits.names())
         if unknown:
-            raise TenantError(f"unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(TenantLimits.names())}")
+            raise TenantError(f"unknown limit(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(TenantLimits.names())}")
         with self._engine.begin() as conn:
             row = conn.execute(sa.select(_tenants).where(_tenants.c.name == name)).first()
             if row is None:
@@ -307,7 +308,8 @@ class JobStore:
                 priority=new.priority, state=JobState.QUEUED.value, step=0, max_steps=new.max_steps,
                 tokens=0, spec_text=new.spec_text, config_json=json.dumps(new.config), job_dir=new.job_dir,
                 adapter_dir=new.adapter_dir, adapter_params=new.adapter_params, max_length=new.max_length,
-                memory_bytes=new.memory_bytes, cancel_requested=False, checkpoint_step=0, created_at=now, updated_at=now))
+                memory_bytes=new.memory_bytes, cancel_requested=False, checkpoint_step=0, created_at=now,
+                updated_at=now))
             conn.execute(_events.insert().values(job_id=new.id, time=now, message="submitted: queued"))
         return self.job(new.id)
 
