@@ -149,10 +149,12 @@ class MultiLoraTrainer:
         return list(self._jobs)
 
     def add_job(self, job_id: str, cfg: TrainConfig | dict, *, train_path: str | os.PathLike | None = None,
-                work_dir: str | os.PathLike) -> int:
+                work_dir: str | os.PathLike, examples: Sequence[Example] | None = None) -> int:
         """Add a job; resumes from ``work_dir/checkpoint.pt`` when there is one. Returns its step.
 
         ``train_path`` replaces ``cfg.data.train`` (the service passes its own copy of the data).
+        ``examples``, when given, are the job's training examples already loaded and encoded
+        from that data (the service loads them in another thread, beside the training loop).
         Raises ConfigError / DataError / CheckpointError naming the problem.
         """
         if job_id in self._jobs:
@@ -162,7 +164,8 @@ class MultiLoraTrainer:
         if cfg.method != "lora":
             raise ConfigError(f"job {job_id}: method: the multi-LoRA trainer trains method 'lora' (got {cfg.method!r})")
         data = cfg.data.model_copy(update={"eval": None, **({"train": os.fspath(train_path)} if train_path else {})})
-        examples, _ = load_examples(data, self.tokenizer)
+        if examples is None:
+            examples, _ = load_examples(data, self.tokenizer)
         adapter, spec = self._new_adapter(cfg)
         train = cfg.train
         optimizer = torch.optim.AdamW(adapter.parameters(), lr=train.lr, weight_decay=train.weight_decay)
@@ -211,11 +214,14 @@ class MultiLoraTrainer:
             self._handle = attach(self.model, [j.adapter for j in self._jobs.values()], router=self.router)
 
     # ---- the packed step ----
-    def step(self) -> dict[str, dict[str, float]]:
-        """One optimizer step of every job that is not done. Returns per-job metrics."""
+    def step(self, job_ids: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        """One optimizer step of every job that is not done (of ``job_ids`` only, when given).
+
+        Returns per-job metrics.
+        """
         t0 = time.perf_counter()
         index = {job_id: k for k, job_id in enumerate(self._jobs)}  # router adapter index
-        active = [j for j in self._jobs.values() if j.step < j.max_steps]
+        active = [j for j in self._jobs.values() if j.step < j.max_steps and (job_ids is None or j.job_id in job_ids)]
         if not active:
             return {}
         samples: list[tuple[int, Example]] = []  # (position in `active`, example), job by job

@@ -4,19 +4,30 @@ A tenant sees only its own jobs and files: another tenant's job id answers 404, 
 like an id that does not exist. The API never changes a job's state; it stores new jobs
 (queued) and cancel requests, and the controller does the rest. Routes are listed in
 ``docs/service.md``.
+
+Nothing a tenant sends costs more than its limits allow: request bodies are read as a
+stream and refused (413) as soon as they pass their cap, before the rest arrives; a
+client address that fails authentication too often is answered 429 for a while, before
+its token is even looked at. A submission is checked completely (spec, limits, the
+dataset's every line, the worker's memory) before it is stored, and a refused one leaves
+nothing on disk.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import logging
+import math
 import os
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -26,26 +37,96 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 import ferrytune
-from ferrytune.service._paths import StateLayout, UnsafePathError, check_file_name, resolve_inside
-from ferrytune.service._spec import BaseCatalog, SpecError, parse_spec_text, validate_spec
-from ferrytune.service._states import JobState
+from ferrytune.service._limits import TenantLimits
+from ferrytune.service._paths import (
+    StateLayout,
+    UnsafePathError,
+    check_file_name,
+    copy_private,
+    make_private_dir,
+    resolve_inside,
+    write_private,
+)
+from ferrytune.service._policy import Limits
+from ferrytune.service._spec import (
+    BaseCatalog,
+    SpecError,
+    check_dataset,
+    job_memory_bytes,
+    parse_spec_text,
+    validate_spec,
+)
+from ferrytune.service._states import TERMINAL_STATES, JobState
 from ferrytune.service._store import JobRecord, JobStore, NewJob, TenantRecord, new_job_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app"]
+__all__ = ["AuthLimiter", "create_app"]
 
 MAX_SPEC_BYTES = 1 << 20
-_UPLOAD_CHUNK = 1 << 20
+_ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+
+
+class AuthLimiter:
+    """At most ``max_failures`` failed authentications per client address in ``window_s`` seconds.
+
+    Past that, the address is answered 429 (with Retry-After) before any token is looked at,
+    until its oldest failure leaves the window: a guesser learns nothing, and a valid token
+    from the same address waits too. Remembers at most ``max_addresses`` addresses.
+    """
+
+    def __init__(self, max_failures: int = 20, window_s: float = 60.0, max_addresses: int = 10_000):
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._failures: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> collections.deque:
+        times = self._failures.get(address)
+        if times is None:
+            return collections.deque()
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+        return times
+
+    def retry_after_s(self, address: str) -> int:
+        """Seconds until ``address`` may try again; 0 when it may now."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(address, now)
+            if len(times) < self.max_failures:
+                return 0
+            return max(1, math.ceil(self.window_s - (now - times[0])))
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            times = self._failures.setdefault(address, collections.deque())
+            times.append(now)
+            while len(times) > self.max_failures:
+                times.popleft()
+            self._failures.move_to_end(address)
+            while len(self._failures) > self.max_addresses:
+                self._failures.popitem(last=False)
 
 
 def _tenant(request: Request) -> TenantRecord:
-    """The tenant whose token the request carries; 401 otherwise."""
+    """The tenant whose token the request carries; 401 otherwise, 429 after too many failures."""
+    limiter: AuthLimiter = request.app.state.auth_limiter
+    address = request.client.host if request.client else "?"
+    wait_s = limiter.retry_after_s(address)
+    if wait_s:
+        raise HTTPException(429, f"too many failed authentications from {address}; retry in {wait_s} s",
+                            headers={"Retry-After": str(wait_s)})
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     store: JobStore = request.app.state.store
     record = store.tenant_for_token(token) if scheme.lower() == "bearer" and token else None
     if record is None:
+        limiter.failed(address)
         raise HTTPException(401, "missing or invalid API token (send 'Authorization: Bearer TOKEN')",
                             headers={"WWW-Authenticate": "Bearer"})
     return record
@@ -54,9 +135,50 @@ def _tenant(request: Request) -> TenantRecord:
 Tenant = Annotated[TenantRecord, Depends(_tenant)]
 
 
-def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, max_upload_bytes: int) -> FastAPI:
+async def _read_capped(request: Request, cap: int, what: str, *, sink=None) -> bytes | int:
+    """The request body, refused with 413 the moment it passes ``cap`` bytes.
+
+    A declared Content-Length over the cap is refused before a byte of the body is read.
+    With ``sink`` (a callable taking each chunk) the body is streamed to it and its size is
+    returned; otherwise the body is returned (it is at most ``cap`` bytes).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise HTTPException(413, f"{what}: {int(declared)} bytes is more than the {cap} bytes allowed")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise HTTPException(413, f"{what}: more than the {cap} bytes allowed")
+        if sink is not None:
+            sink(chunk)
+        else:
+            parts.append(chunk)
+    return size if sink is not None else b"".join(parts)
+
+
+@dataclass(frozen=True)
+class _Context:
+    store: JobStore
+    catalog: BaseCatalog
+    layout: StateLayout
+    defaults: TenantLimits
+    worker: Limits
+    locks: dict
+
+    def limits(self, t: TenantRecord) -> TenantLimits:
+        return self.defaults.with_overrides(t.overrides)
+
+    def tenant_lock(self, tenant: str) -> threading.Lock:
+        return self.locks.setdefault(tenant, threading.Lock())
+
+
+def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, limits: TenantLimits | None = None,
+               worker_limits: Limits | None = None, auth_limiter: AuthLimiter | None = None) -> FastAPI:
     app = FastAPI(title="ferrytune", version=ferrytune.__version__, docs_url=None, redoc_url=None)
     app.state.store = store
+    app.state.auth_limiter = auth_limiter or AuthLimiter()
+    ctx = _Context(store, catalog, layout, limits or TenantLimits(), worker_limits, {})
 
     def own_job(job_id: str, t: TenantRecord) -> JobRecord:
         job = store.job(job_id, tenant=t.name)
@@ -82,16 +204,20 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, ma
         check_file_name(name)
         layout.ensure_tenant(t.name)
         target = resolve_inside(layout.files_dir(t.name), name, field="file name")
-        digest, size = hashlib.sha256(), 0
-        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=layout.files_dir(t.name))
+        limits = ctx.limits(t)
+        disk_left = limits.max_disk_bytes - await run_in_threadpool(layout.disk_bytes, t.name)
+        cap, what = limits.max_dataset_bytes, f"file {name!r} (max_dataset_bytes)"
+        if disk_left < cap:
+            cap, what = max(0, disk_left), f"file {name!r} (max_disk_bytes: {max(0, disk_left)} bytes left)"
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=layout.files_dir(t.name))  # 0600
         try:
             with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_upload_bytes:
-                        raise HTTPException(413, f"file {name!r}: larger than {max_upload_bytes} bytes")
+                def write(chunk: bytes) -> None:
                     digest.update(chunk)
                     f.write(chunk)
+
+                size = await _read_capped(request, cap, what, sink=write)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -107,14 +233,12 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, ma
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(request: Request, t: Tenant) -> dict:
-        body = await request.body()
-        if len(body) > MAX_SPEC_BYTES:
-            raise HTTPException(413, f"spec: larger than {MAX_SPEC_BYTES} bytes")
+        body = await _read_capped(request, MAX_SPEC_BYTES, "spec")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise SpecError("spec: not UTF-8 text") from None
-        job = await run_in_threadpool(_create_job, store, catalog, layout, t, text)
+        job = await run_in_threadpool(_create_job, ctx, t, text)
         return {"id": job.id, "state": job.state.value}
 
     @app.get("/v1/jobs")
@@ -149,7 +273,7 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, ma
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202)
     def cancel(job_id: str, t: Tenant) -> dict:
         job = own_job(job_id, t)
-        if job.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+        if job.state in TERMINAL_STATES:
             raise HTTPException(409, f"job {job_id} is already {job.state.value}")
         return store.request_cancel(job_id, tenant=t.name).public()
 
@@ -168,30 +292,83 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, ma
     return app
 
 
-def _create_job(store: JobStore, catalog: BaseCatalog, layout: StateLayout, t: TenantRecord, text: str) -> JobRecord:
-    """Validate, snapshot the dataset into the job's folder, then insert the job (queued)."""
+def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
+    """Validate everything, snapshot the dataset into the job's folder, then insert the job (queued).
+
+    Any refusal after the folder exists removes it: a refused submission leaves nothing behind.
+    """
+    store, layout = ctx.store, ctx.layout
     layout.ensure_tenant(t.name)
-    outputs = layout.tenant_root(t.name) / "outputs"
-    valid = validate_spec(parse_spec_text(text), catalog=catalog, files_root=layout.files_dir(t.name),
-                          outputs_root=outputs)
-    job_id = new_job_id()
-    job_dir = layout.job_dir(t.name, job_id)
-    adapter_dir = job_dir / "adapter"
-    if valid.output_rel is not None:
-        adapter_dir = resolve_inside(outputs, valid.output_rel, field="output_dir")
-        for other in store.jobs(tenant=t.name):
-            if other.adapter_dir == str(adapter_dir) and other.state not in (JobState.FAILED, JobState.CANCELLED):
-                raise HTTPException(409, f"output_dir: {valid.output_rel!r} is already used by job {other.id}")
-    (job_dir / "work").mkdir(parents=True)
-    # a copy, so that a later upload under the same name cannot change a queued job's data
-    shutil.copyfile(valid.train_file, job_dir / "train.jsonl")
-    (job_dir / "spec.yaml").write_text(text)
-    config = dict(valid.config, output_dir=str(job_dir / "work"))
-    config["data"] = dict(config["data"], train=str(job_dir / "train.jsonl"))
-    return store.create_job(NewJob(
-        id=job_id, tenant=t.name, name=valid.name, base=valid.base, dtype=valid.dtype, priority=valid.priority,
-        max_steps=valid.max_steps, spec_text=text, config=config, job_dir=str(job_dir),
-        adapter_dir=str(adapter_dir), adapter_params=valid.adapter_params, max_length=valid.max_length))
+    limits = ctx.limits(t)
+    outputs = layout.outputs_dir(t.name)
+    valid = validate_spec(parse_spec_text(text), catalog=ctx.catalog, files_root=layout.files_dir(t.name),
+                          outputs_root=outputs, limits=limits)
+    if ctx.worker is not None and valid.max_length > ctx.worker.token_capacity:
+        raise SpecError(f"data.max_length: {valid.max_length} is more than a microbatch of this service holds "
+                        f"({ctx.worker.token_capacity} tokens); lower data.max_length")
+    with ctx.tenant_lock(t.name):  # the counts and the output_dir check hold until the job is stored
+        active = store.count_jobs(tenant=t.name, states=_ACTIVE)
+        if active >= limits.max_jobs:
+            raise HTTPException(429, f"max_jobs: you have {active} jobs queued or running, the limit is "
+                                     f"{limits.max_jobs}; wait for some to finish or cancel some")
+        job_id = new_job_id()
+        job_dir = layout.job_dir(t.name, job_id)
+        adapter_dir = job_dir / "adapter"
+        if valid.output_rel is not None:
+            adapter_dir = resolve_inside(outputs, valid.output_rel, field="output_dir")
+            _check_output_free(store, t.name, adapter_dir, valid.output_rel)
+        size = valid.train_file.stat().st_size
+        if size > limits.max_dataset_bytes:
+            raise HTTPException(413, f"data.train: {size} bytes is more than max_dataset_bytes "
+                                     f"({limits.max_dataset_bytes})")
+        used = layout.disk_bytes(t.name)
+        if used + size > limits.max_disk_bytes:
+            raise HTTPException(413, f"max_disk_bytes: your area holds {used} bytes; this job's copy of its "
+                                     f"dataset ({size} bytes) would pass {limits.max_disk_bytes}; delete old "
+                                     "files or jobs' outputs")
+        make_private_dir(job_dir / "work")
+        try:
+            # a copy, so that a later upload under the same name cannot change a queued job's data;
+            # the copy is what is checked, so what was checked is what trains
+            copy_private(valid.train_file, job_dir / "train.jsonl")
+            data = check_dataset(valid, ctx.catalog, job_dir / "train.jsonl",
+                                 shown=valid.config["data"]["train"].rsplit("/", 1)[-1])
+            memory = job_memory_bytes(valid, data)
+            _check_memory(ctx, valid, memory)
+            write_private(job_dir / "spec.yaml", text.encode("utf-8"))
+            config = dict(valid.config, output_dir=str(job_dir / "work"))
+            config["data"] = dict(config["data"], train=str(job_dir / "train.jsonl"))
+            return store.create_job(NewJob(
+                id=job_id, tenant=t.name, name=valid.name, base=valid.base, dtype=valid.dtype,
+                priority=valid.priority, max_steps=valid.max_steps, spec_text=text, config=config,
+                job_dir=str(job_dir), adapter_dir=str(adapter_dir), adapter_params=valid.adapter_params,
+                max_length=valid.max_length, memory_bytes=memory))
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+
+
+def _check_output_free(store: JobStore, tenant: str, adapter_dir: Path, rel: str) -> None:
+    """No two live jobs share an output folder, or nest one inside the other's."""
+    for other in store.jobs(tenant=tenant):
+        if other.state in (JobState.FAILED, JobState.CANCELLED):
+            continue
+        theirs = Path(other.adapter_dir)
+        if theirs == adapter_dir or theirs in adapter_dir.parents or adapter_dir in theirs.parents:
+            raise HTTPException(409, f"output_dir: {rel!r} overlaps the output folder of your job {other.id}")
+
+
+def _check_memory(ctx: _Context, valid, memory: int) -> None:
+    """The job must fit an empty worker of its base: base + one microbatch's activations + the job."""
+    if ctx.worker is None:
+        return
+    cost = ctx.catalog.cost(valid.base, valid.dtype)
+    needs = cost.base_bytes + cost.act_bytes_per_token * ctx.worker.token_capacity + memory
+    if needs > ctx.worker.worker_memory_bytes:
+        raise SpecError(
+            f"lora.rank: the job needs {needs / 2**30:.2f} GiB on a worker (base + activations + adapter + "
+            f"data) but a worker has {ctx.worker.worker_memory_bytes / 2**30:.2f} GiB; lower lora.rank or "
+            "train.batch_size, or use a smaller dataset")
 
 
 def _archive(folder: Path, fmt: str) -> str:
@@ -221,7 +398,9 @@ def _loss_plot(job: JobRecord, rows: list[dict]) -> bytes:
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"{job.name or job.id} ({job.state.value}, step {job.step}/{job.max_steps})", fontsize=9)
+    # usetex and mathtext off: a job's name is drawn as the characters it is, whatever they are
+    ax.set_title(f"{job.name or job.id} ({job.state.value}, step {job.step}/{job.max_steps})", fontsize=9,
+                 usetex=False, parse_math=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -14,6 +14,10 @@ One round (every ``tick_s``):
 The controller is the only writer of job states. It keeps no state that matters across
 restarts: on start it re-queues every job the store says is running (its worker died with
 the previous service process; non-detached Ray actors share their owner's fate).
+
+What it writes into a job's ``error`` and events is for that job's tenant: one line, no
+server path, no other tenant's name or job id (details go to the server log). A cancel
+or preemption interrupts the worker's running tick, so it takes effect after one step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import ray
 
 import ferrytune
+from ferrytune.service._limits import TenantLimits
 from ferrytune.service._paths import StateLayout
 from ferrytune.service._policy import (
     Admit,
@@ -49,6 +54,7 @@ from ferrytune.service._policy import (
     adapter_state_bytes,
     schedule,
 )
+from ferrytune.service._public import scrub
 from ferrytune.service._spec import BaseCatalog
 from ferrytune.service._states import JobState, WorkerState
 from ferrytune.service._store import JobRecord, JobStore
@@ -85,6 +91,8 @@ class ControllerSettings:
     """``offload`` section (tier, nvme_dir, host_budget_gib, ...) for streaming the base; None = resident"""
     base_store_dtype: str = "auto"
     """dtype of the streamed base's blocks (bfloat16 halves the bytes read per step)"""
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)
+    """service-wide defaults of the per-tenant limits (``max_running_jobs`` is applied here)"""
 
     def limits(self) -> Limits:
         return Limits(worker_memory_bytes=int(self.worker_memory_gib * 2**30), max_workers=self.max_workers,
@@ -178,8 +186,11 @@ class Controller:
                 worker.state = WorkerState.DEAD
                 continue
             except Exception as e:  # noqa: BLE001 - the tick itself raised (e.g. the base failed to load)
-                logger.error("worker %s failed: %s", worker.worker_id, " ".join(str(e).split())[:500])
-                self._fail_worker_jobs(worker, f"worker error: {' '.join(str(e).split())[-300:]}")
+                # The details are the operator's (server paths, other jobs): the log has them,
+                # the tenants get a line that names neither.
+                logger.error("worker %s failed: %s", worker.worker_id, e)
+                self._fail_worker_jobs(worker, f"the worker for base {worker.group[0]!r} failed (a server-side "
+                                               "error; the service log has the details); resubmit the job")
                 self._kill(worker)
                 worker.state = WorkerState.DEAD
                 continue
@@ -208,14 +219,18 @@ class Controller:
             self._transition(job_id, JobState.RUNNING, JobState.SUCCEEDED,
                              f"finished on worker {worker.worker_id}", finished_at=time.time(), worker_id=None)
         elif state == "failed":
-            self._transition(job_id, JobState.RUNNING, JobState.FAILED, entry["error"], error=entry["error"],
+            error = scrub(entry["error"] or "failed", job_id=job_id)  # the worker's line, scrubbed once more
+            self._transition(job_id, JobState.RUNNING, JobState.FAILED, error, error=error,
                              finished_at=time.time(), worker_id=None)
         elif state == "removed" and kind == "cancel":
             self._transition(job_id, JobState.RUNNING, JobState.CANCELLED, "cancelled by its tenant",
                              finished_at=time.time(), worker_id=None)
         elif state == "removed":
+            ckpt = entry.get("checkpoint_step")
+            if ckpt is None:  # removed while its data was still loading: nothing trained here
+                ckpt = self.store.job(job_id).checkpoint_step
             self._transition(job_id, JobState.RUNNING, JobState.QUEUED,
-                             f"preempted at step {entry.get('checkpoint_step')}; checkpointed", worker_id=None)
+                             f"preempted at step {ckpt}; checkpointed", worker_id=None)
 
     def _fail_worker_jobs(self, worker: _Worker, reason: str) -> None:
         for job_id in list(worker.job_ids):
@@ -227,7 +242,10 @@ class Controller:
     def _snapshot(self) -> Snapshot:
         jobs = self.store.jobs(states=[JobState.QUEUED, JobState.RUNNING])
         tokens = self.store.tokens_by_tenant()
-        tenants = {t.name: TenantView(t.name, t.weight, tokens.get(t.name, 0)) for t in self.store.tenants()}
+        defaults = self.settings.tenant_limits
+        tenants = {t.name: TenantView(t.name, t.weight, tokens.get(t.name, 0),
+                                      max_running=defaults.with_overrides(t.overrides).max_running_jobs)
+                   for t in self.store.tenants()}
         groups = {(j.base, j.dtype) for j in jobs} | {w.group for w in self.workers.values()}
         costs = {g: self.catalog.cost(*g) for g in groups if g[0] in self.catalog.paths}
         return Snapshot(
@@ -236,8 +254,9 @@ class Controller:
             tenants=tenants, costs=costs, limits=self.settings.limits(), next_worker_seq=self._next_worker_seq)
 
     def _view(self, job: JobRecord) -> JobView:
+        memory = job.memory_bytes if job.memory_bytes is not None else adapter_state_bytes(job.adapter_params)
         return JobView(job.id, job.tenant, (job.base, job.dtype), job.state, job.priority, job.seq,
-                       adapter_state_bytes(job.adapter_params), job.max_length, worker_id=job.worker_id,
+                       memory, job.max_length, worker_id=job.worker_id,
                        cancel_requested=job.cancel_requested, removal_pending=job.id in self._removal,
                        running_since_s=self._running_since.get(job.id))
 
@@ -256,6 +275,8 @@ class Controller:
         elif isinstance(d, Preempt):
             self._removal[d.job_id] = "preempt"
             self.workers[d.worker_id].pending.append(remove_command(d.job_id, checkpoint=True))
+            self._interrupt(self.workers[d.worker_id])
+            logger.info("job %s: %s (for job %s)", d.job_id, d.reason, d.for_job_id)
             self.store.add_event(d.job_id, d.reason)
         elif isinstance(d, Requeue):
             self._running_since.pop(d.job_id, None)
@@ -269,6 +290,7 @@ class Controller:
         elif isinstance(d, CancelJob):
             self._removal[d.job_id] = "cancel"
             self.workers[d.worker_id].pending.append(remove_command(d.job_id, checkpoint=False))
+            self._interrupt(self.workers[d.worker_id])
         elif isinstance(d, FailJob):
             self._transition(d.job_id, JobState.QUEUED, JobState.FAILED, d.reason, error=d.reason,
                              finished_at=time.time())
@@ -283,7 +305,8 @@ class Controller:
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         actor = ray.remote(TrainWorker).options(
             name=f"ferrytune-{self.service_id}-{worker_id}", namespace=RAY_NAMESPACE, num_cpus=s.worker_num_cpus,
-            max_restarts=0, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            max_restarts=0, max_concurrency=2,  # tick, and interrupt() beside it
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         ).remote(worker_id, self.catalog.paths[base], dtype=dtype, token_capacity=s.token_capacity,
                  checkpoint_every_steps=s.checkpoint_every_steps, num_threads=max(1, int(s.worker_num_cpus)),
                  offload=_worker_offload(s.base_offload, worker_id), store_dtype=s.base_store_dtype)
@@ -323,6 +346,11 @@ class Controller:
             if worker.pending or worker.job_ids or worker.state == WorkerState.STARTING:
                 commands, worker.pending = worker.pending, []
                 worker.inflight = worker.actor.tick.remote(commands, slice_s=self.settings.worker_slice_s)
+
+    def _interrupt(self, worker: _Worker) -> None:
+        """End the worker's running tick after its current step, so a removal waits one step at most."""
+        if worker.inflight is not None and worker.state == WorkerState.READY:
+            worker.actor.interrupt.remote()  # fire and forget: a dead worker is found by the tick
 
     def _kill(self, worker: _Worker) -> None:
         try:

@@ -11,16 +11,22 @@
 A tenant names files only *relative to its own area*; :func:`resolve_inside` refuses
 absolute paths, ``..``, and anything whose real path (symlinks followed) leaves the area.
 The server never opens a server-side path a tenant names.
+
+Everything under the state dir is private to the service's user: folders are created
+``0700`` and files ``0600`` (:func:`write_private`, :func:`copy_private`; workers run with
+umask 077).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 
 from ferrytune.errors import FerrytuneError
 
-__all__ = ["StateLayout", "UnsafePathError", "check_file_name", "resolve_inside"]
+__all__ = ["StateLayout", "UnsafePathError", "check_file_name", "copy_private", "make_private_dir",
+           "resolve_inside", "tree_bytes", "write_private"]
 
 _MAX_NAME = 200
 
@@ -58,6 +64,53 @@ def check_file_name(name: str) -> str:
     return name
 
 
+def make_private_dir(path: Path) -> None:
+    """``mkdir -p`` with every folder it creates ``0700``."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_private_dir(path.parent)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+    os.chmod(path, 0o700)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) ``0600`` and write ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def copy_private(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new ``0600`` file ``dst``."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (symlinks not followed); 0 when it does not exist."""
+    total, stack = 0, [os.fspath(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+    return total
+
+
 class StateLayout:
     """Where things live under the service's state dir."""
 
@@ -74,9 +127,31 @@ class StateLayout:
     def files_dir(self, tenant: str) -> Path:
         return self.tenant_root(tenant) / "files"
 
+    def outputs_dir(self, tenant: str) -> Path:
+        return self.tenant_root(tenant) / "outputs"
+
     def job_dir(self, tenant: str, job_id: str) -> Path:
         return self.tenant_root(tenant) / "jobs" / job_id
 
+    def ensure_root(self) -> None:
+        make_private_dir(self.root)
+
     def ensure_tenant(self, tenant: str) -> None:
-        self.files_dir(tenant).mkdir(parents=True, exist_ok=True)
-        (self.tenant_root(tenant) / "jobs").mkdir(parents=True, exist_ok=True)
+        self.ensure_root()
+        make_private_dir(self.files_dir(tenant))
+        make_private_dir(self.tenant_root(tenant) / "jobs")
+        make_private_dir(self.outputs_dir(tenant))
+
+    def disk_bytes(self, tenant: str) -> int:
+        """What the tenant's area holds now (datasets, job copies, checkpoints, adapters)."""
+        return tree_bytes(self.tenant_root(tenant))
+
+    def job_dirs(self) -> list[tuple[str, Path]]:
+        """(tenant, job folder) of every job folder on disk."""
+        out = []
+        tenants = self.root / "tenants"
+        for tenant in sorted(tenants.iterdir()) if tenants.is_dir() else []:
+            jobs = tenant / "jobs"
+            for job in sorted(jobs.iterdir()) if jobs.is_dir() else []:
+                out.append((tenant.name, job))
+        return out

@@ -20,13 +20,17 @@ The rules, in the order :func:`schedule` applies them:
    must stay under ``worker_memory_bytes``. Queued jobs are taken in order of priority
    (higher first), then weighted fair share: the tenant with the fewest running jobs per
    unit of weight, then the fewest tokens trained per unit of weight, then submission
-   order. Each is placed on the fullest worker of its group that still fits it (so jobs
-   pack onto few workers and share base reads); else a new worker is started when
-   ``max_workers`` allows.
+   order. A tenant at its ``max_running`` waits. Each is placed on the fullest worker of
+   its group that still fits it (so jobs pack onto few workers and share base reads);
+   else a new worker is started when ``max_workers`` allows. A job's bytes
+   (``JobView.adapter_bytes``) are its adapter state plus its data on the worker, as
+   estimated at submission.
 4. **Preemption** (only within a group, at most one pending per group): a queued job that
    fits nowhere may displace a running job of lower priority, or, at equal priority, a
    job of a tenant over its fair share that has run at least ``min_slice_s``. The victim
-   is checkpointed at a step boundary and re-queued; it never loses a finished step.
+   is checkpointed at a step boundary and re-queued; it never loses a finished step. The
+   reason it is given names neither the other job nor its tenant (it is shown to the victim's
+   tenant); ``Preempt.for_job_id`` is for the server log.
 5. **Idle workers** with no jobs and nothing queued for their group are stopped.
 
 :func:`pack_microbatches` is the sample-level policy a worker uses inside one packed step:
@@ -109,6 +113,7 @@ class JobView:
     seq: int
     """submission order (smaller = earlier)"""
     adapter_bytes: int
+    """what the job holds on a worker: adapter state (+ its data, when known)"""
     max_length: int
     """longest sample, in tokens"""
     worker_id: str | None = None
@@ -130,6 +135,8 @@ class TenantView:
     name: str
     weight: float = 1.0
     tokens_trained: int = 0
+    max_running: int | None = None
+    """jobs of this tenant on workers at once (None: no limit)"""
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ class Preempt:
     job_id: str
     worker_id: str
     reason: str
+    for_job_id: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,10 @@ class _Plan:
 
     def share(self, tenant: str, extra: int = 0) -> float:
         return (self.slots[tenant] + extra) / self.weight(tenant)
+
+    def at_max_running(self, tenant: str) -> bool:
+        view = self.snap.tenants.get(tenant)
+        return view is not None and view.max_running is not None and self.slots[tenant] >= view.max_running
 
     def usage(self, tenant: str) -> float:
         view = self.snap.tenants.get(tenant)
@@ -283,6 +295,8 @@ def _admit(plan: _Plan, candidates: list[JobView], decisions: list[Decision]) ->
     while pending:
         job = min(pending, key=lambda j: (-j.priority, plan.share(j.tenant), plan.usage(j.tenant), j.seq))
         pending.remove(job)
+        if plan.at_max_running(job.tenant):
+            continue
         cost = snap.costs.get(job.group)
         if cost is None:
             decisions.append(FailJob(job.job_id, f"base {job.group[0]!r} is not served any more"))
@@ -290,7 +304,7 @@ def _admit(plan: _Plan, candidates: list[JobView], decisions: list[Decision]) ->
         alone = cost.base_bytes + cost.act_bytes_per_token * limits.token_capacity + job.adapter_bytes
         if alone > limits.worker_memory_bytes:
             decisions.append(FailJob(job.job_id, (
-                f"needs {alone / 2**30:.2f} GiB on a worker (base + activations + adapter) but a worker "
+                f"needs {alone / 2**30:.2f} GiB on a worker (base + activations + adapter + data) but a worker "
                 f"has {limits.worker_memory_bytes / 2**30:.2f} GiB; lower lora.rank or data.max_length")))
             continue
         if job.max_length > limits.token_capacity:
@@ -313,9 +327,10 @@ def _admit(plan: _Plan, candidates: list[JobView], decisions: list[Decision]) ->
             victim = _victim(plan, job)
             if victim is not None:
                 preempting.add(job.group)
-                decisions.append(Preempt(victim.job_id, victim.worker_id, (
-                    f"preempted for job {job.job_id} (priority {job.priority} vs {victim.priority}, "
-                    f"tenant {job.tenant})")))
+                why = (f"a job of higher priority ({job.priority} vs {victim.priority})"
+                       if job.priority > victim.priority else "fair share between tenants")
+                decisions.append(Preempt(victim.job_id, victim.worker_id, f"preempted for {why}",
+                                         for_job_id=job.job_id))
 
 
 def _best_fit(plan: _Plan, job: JobView) -> str | None:

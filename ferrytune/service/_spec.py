@@ -10,23 +10,32 @@ A job spec is the LoRA training config (``docs/config.md``) with three differenc
 
 Sections the service decides (``offload``, ``parallel``, ``device``, ``resume``, ``zo``)
 are refused. Every error is a :class:`SpecError` whose message starts with the field.
+
+Everything a worker could trip over is checked here, before the job is queued: every
+value's type and range (integers within 32 bits, finite floats, text that is valid
+Unicode), the tenant's limits (``train.steps``, tokens per step), and the dataset itself:
+:func:`check_dataset` reads and tokenises the job's copy of it, so a broken line, an
+empty file, wrong keys or a label out of range is refused naming the file and line.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
-from ferrytune.errors import ConfigError, FerrytuneError
-from ferrytune.service._paths import UnsafePathError, resolve_inside
+from ferrytune.errors import ConfigError, DataError, FerrytuneError
+from ferrytune.service._limits import TenantLimits
+from ferrytune.service._paths import UnsafePathError, check_file_name, resolve_inside
 from ferrytune.service._policy import BaseCost, adapter_state_bytes
 
-__all__ = ["BaseCatalog", "SpecError", "ValidSpec", "parse_spec_text", "validate_spec"]
+__all__ = ["BaseCatalog", "DatasetStats", "SpecError", "ValidSpec", "check_dataset", "job_memory_bytes",
+           "parse_spec_text", "validate_spec"]
 
 _ALLOWED_KEYS = {"method", "model", "data", "train", "lora", "output_dir", "name", "priority"}
 _SERVICE_KEYS = {"offload", "parallel", "device", "resume", "zo"}
@@ -37,6 +46,14 @@ _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # (~12 x hidden + 3 x intermediate). A deliberately rough, conservative estimate.
 _ACT_HIDDEN_FACTOR = 12
 _ACT_INTERMEDIATE_FACTOR = 3
+# A job's data on a worker: its tokenised examples (Python tuples of ints: ~ 3 x 8-byte
+# slots + int objects per token, and a few hundred bytes per row), and one step's collated
+# batch (int64 ids + mask, built twice: per job and packed). Rough and conservative.
+_EXAMPLE_BYTES_PER_TOKEN = 64
+_EXAMPLE_BYTES_PER_ROW = 512
+_STEP_BYTES_PER_TOKEN = 32
+INT_RANGE = (-(2**31), 2**31 - 1)
+_MAX_OUTPUT_DEPTH = 8
 
 
 class SpecError(FerrytuneError, ValueError):
@@ -55,10 +72,23 @@ class ValidSpec:
     max_steps: int
     max_length: int
     adapter_params: int
+    batch_size: int = 1
 
     @property
     def adapter_bytes(self) -> int:
         return adapter_state_bytes(self.adapter_params)
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    rows: int
+    tokens: int
+
+
+def job_memory_bytes(valid: ValidSpec, data: DatasetStats) -> int:
+    """What the job adds to a worker: adapter state, its tokenised dataset, one step's batch."""
+    return (valid.adapter_bytes + data.tokens * _EXAMPLE_BYTES_PER_TOKEN + data.rows * _EXAMPLE_BYTES_PER_ROW
+            + valid.batch_size * valid.max_length * _STEP_BYTES_PER_TOKEN)
 
 
 class BaseCatalog:
@@ -67,7 +97,11 @@ class BaseCatalog:
     def __init__(self, bases: dict[str, str]):
         self.paths = dict(bases)
         self._meta: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # One dataset check at a time: bounds the service's memory to one dataset in flight,
+        # and a fast tokenizer must not be used from two threads at once.
+        self.encode_lock = threading.Lock()
 
     def names(self) -> list[str]:
         return sorted(self.paths)
@@ -82,6 +116,14 @@ class BaseCatalog:
                 with torch.device("meta"):
                     self._meta[name] = AutoModelForCausalLM.from_config(config)
             return self._meta[name]
+
+    def tokenizer(self, name: str):
+        with self._lock:
+            if name not in self._tokenizers:
+                from ferrytune.data import load_tokenizer
+
+                self._tokenizers[name] = load_tokenizer(self.paths[name])
+            return self._tokenizers[name]
 
     def cost(self, name: str, dtype: str) -> BaseCost:
         model = self.meta_model(name)
@@ -108,12 +150,15 @@ def parse_spec_text(text: str) -> dict:
     return raw
 
 
-def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_root: Path) -> ValidSpec:
+def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_root: Path,
+                  limits: TenantLimits | None = None) -> ValidSpec:
     """Check everything a worker would trip over, before the job is queued."""
     from ferrytune.config import config_from_dict
     from ferrytune.lora import LoraSpec, find_targets
 
+    limits = limits or TenantLimits()
     raw = copy.deepcopy(raw)
+    _check_values(raw, "")
     for key in raw:
         if key in _SERVICE_KEYS:
             raise SpecError(f"{key}: chosen by the service, not by a job spec; remove it")
@@ -122,6 +167,8 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
     name = raw.pop("name", None)
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise SpecError("name: must be a string of at most 200 characters")
+    if name is not None and (not name.isprintable() or "$" in name):
+        raise SpecError(f"name: plain printable text without '$' please (got {_short(name)})")
     priority = raw.pop("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not (
             PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]):
@@ -134,12 +181,7 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
     train_file = _data_section(raw, files_root)
     output_rel = raw.pop("output_dir", None)
     if output_rel is not None:
-        if not isinstance(output_rel, str):
-            raise SpecError("output_dir: must be a relative path string")
-        try:
-            resolve_inside(outputs_root, output_rel, field="output_dir")
-        except UnsafePathError as e:
-            raise SpecError(str(e)) from None
+        output_rel = _output_dir(output_rel, outputs_root)
     lora = raw.get("lora") or {}
     if isinstance(lora, dict) and lora.get("init_from") is not None:
         raise SpecError("lora.init_from: not supported by the service (it would read a server path); remove it")
@@ -151,10 +193,95 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
         targets = find_targets(catalog.meta_model(base), spec)
     except ConfigError as e:
         raise SpecError(str(e).removeprefix("spec: ")) from None
+    if cfg.train.steps > limits.max_steps:
+        raise SpecError(f"train.steps: at most {limits.max_steps} on this service (got {cfg.train.steps})")
+    tokens = cfg.train.batch_size * cfg.data.max_length
+    if tokens > limits.max_tokens_per_step:
+        raise SpecError(f"train.batch_size: batch_size x data.max_length = {tokens} tokens per step; this service "
+                        f"allows {limits.max_tokens_per_step}; lower train.batch_size or data.max_length")
     params = sum(t.rank * (t.in_features + t.out_features) for t in targets.values())
     return ValidSpec(name=name or "", priority=priority, base=base, dtype=cfg.model.compute_dtype,
                      config=cfg.to_dict(), train_file=train_file, output_rel=output_rel,
-                     max_steps=cfg.train.steps, max_length=cfg.data.max_length, adapter_params=params)
+                     max_steps=cfg.train.steps, max_length=cfg.data.max_length, adapter_params=params,
+                     batch_size=cfg.train.batch_size)
+
+
+def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: str) -> DatasetStats:
+    """Read and tokenise the job's dataset at ``path`` exactly as its worker will.
+
+    Errors name the file as the tenant knows it (``shown``) and the line, never ``path``.
+    """
+    from ferrytune.config import config_from_dict
+    from ferrytune.data import load_examples
+
+    data = config_from_dict(dict(valid.config, data=dict(valid.config["data"], train=str(path))),
+                            source="spec", check_device=False).data
+    tokenizer = catalog.tokenizer(valid.base)
+    try:
+        with catalog.encode_lock:
+            examples, _ = load_examples(data, tokenizer)
+    except (DataError, ConfigError) as e:
+        message = " ".join(str(e).split()).replace(str(path), shown)
+        if isinstance(e, DataError):
+            message = f"data.train: {message}"
+        raise SpecError(message.removeprefix("spec: ")) from None
+    return DatasetStats(rows=len(examples), tokens=sum(len(e.input_ids) for e in examples))
+
+
+def _check_values(value: Any, where: str) -> None:
+    """Every key a string, every integer in 32 bits, every float finite, every string valid Unicode."""
+    field = where or "spec"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SpecError(f"{where + '.' if where else ''}{key!r}: keys must be strings")
+            _check_values(key, f"{where}.{key}" if where else key)
+            _check_values(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_values(item, f"{field}[{i}]")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise SpecError(f"{field}: {_short(value)} is out of range (integers here are at most {INT_RANGE[1]})")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise SpecError(f"{field}: must be a finite number (got {value})")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(f"{field}: not valid Unicode text (a lone surrogate such as \\ud800)") from None
+        if "\x00" in value:
+            raise SpecError(f"{field}: contains a NUL character")
+    else:
+        raise SpecError(f"{field}: unsupported value of type {type(value).__name__}")
+
+
+def _output_dir(rel: Any, outputs_root: Path) -> str:
+    """A folder strictly inside the tenant's outputs area, named by plain components."""
+    if not isinstance(rel, str):
+        raise SpecError("output_dir: must be a relative path string, e.g. 'runs/sentiment'")
+    try:
+        resolve_inside(outputs_root, rel, field="output_dir")
+        parts = PurePosixPath(rel).parts
+        if not parts:
+            raise UnsafePathError(f"output_dir: {rel!r} names your outputs area itself; name a folder in it, "
+                                  "e.g. 'runs/sentiment'")
+        if len(parts) > _MAX_OUTPUT_DEPTH:
+            raise UnsafePathError(f"output_dir: at most {_MAX_OUTPUT_DEPTH} levels (got {len(parts)})")
+        for part in parts:
+            check_file_name(part)
+    except UnsafePathError as e:
+        message = str(e)
+        raise SpecError(message if message.startswith("output_dir") else f"output_dir: {message}") from None
+    return "/".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _model_section(model: Any, catalog: BaseCatalog) -> tuple[str, dict]:

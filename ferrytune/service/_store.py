@@ -8,7 +8,13 @@ the jobs and re-queues those that were running (they resume from their checkpoin
 API tokens are never stored: a token is ``ftk_<key id>_<secret>``; the store keeps the
 key id, a random salt and ``sha256(salt + secret)``. Tokens are 256-bit random strings,
 so a salted fast hash is enough (a slow KDF protects low-entropy passwords, and would
-cost every request tens of milliseconds).
+cost every request tens of milliseconds). Every request looks its token up here, so
+:meth:`JobStore.revoke_token` and :meth:`JobStore.rotate_token` (run by ``ferrytune
+tenants revoke | rotate`` while the service runs) take effect on the next request.
+
+A SQLite job store is created ``0600`` (its WAL and shared-memory files inherit that mode).
+Tables missing a column that a later version added get it on open (``ALTER TABLE ... ADD
+COLUMN``), so an existing state dir keeps working.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -28,6 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ferrytune.errors import FerrytuneError
+from ferrytune.service._limits import TenantLimits
 from ferrytune.service._states import JobState, check_transition
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ _tenants = sa.Table(
     sa.Column("token_hash", sa.String(64), nullable=False),
     sa.Column("weight", sa.Float, nullable=False, default=1.0),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("limits_json", sa.Text, nullable=True),  # per-tenant overrides of the service's limits
 )
 _jobs = sa.Table(
     "jobs", _meta,
@@ -68,6 +77,7 @@ _jobs = sa.Table(
     sa.Column("adapter_dir", sa.Text, nullable=False),
     sa.Column("adapter_params", sa.BigInteger, nullable=False),
     sa.Column("max_length", sa.Integer, nullable=False),
+    sa.Column("memory_bytes", sa.BigInteger, nullable=True),  # the job's share of a worker (None: adapter only)
     sa.Column("worker_id", sa.String(40), nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
@@ -105,6 +115,17 @@ class TenantRecord:
     name: str
     weight: float
     created_at: float
+    limits_json: str | None = None
+    revoked: bool = False
+
+    @property
+    def overrides(self) -> dict:
+        """The tenant's own limits (``TenantLimits`` field -> value); the service's defaults fill the rest."""
+        return json.loads(self.limits_json) if self.limits_json else {}
+
+
+def _tenant_record(row) -> TenantRecord:
+    return TenantRecord(row.name, row.weight, row.created_at, row.limits_json, revoked=not row.token_hash)
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,7 @@ class NewJob:
     adapter_dir: str
     adapter_params: int
     max_length: int
+    memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,7 @@ class JobRecord:
     adapter_dir: str
     adapter_params: int
     max_length: int
+    memory_bytes: int | None
     worker_id: str | None
     error: str | None
     cancel_requested: bool
@@ -195,12 +218,14 @@ class JobStore:
     def open(cls, url: str) -> JobStore:
         """Connect and create the tables that are missing."""
         if url.startswith("sqlite"):
+            _private_sqlite_file(url)
             engine = sa.create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S})
             _sqlite_immediate_transactions(engine)
         else:
             engine = sa.create_engine(url, pool_pre_ping=True)
         _meta.create_all(engine)
+        _add_missing_columns(engine)
         return cls(engine)
 
     def close(self) -> None:
@@ -213,7 +238,7 @@ class JobStore:
             raise TenantError(f"tenant name {name!r}: use 1-63 of a-z 0-9 _ - (starting with a letter or digit)")
         if not weight > 0:
             raise TenantError(f"--weight must be > 0 (got {weight})")
-        key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
+        key_id, secret, salt = _new_secret()
         with self._engine.begin() as conn:
             if conn.execute(sa.select(_tenants.c.name).where(_tenants.c.name == name)).first():
                 raise TenantError(f"tenant {name!r} already exists")
@@ -222,20 +247,57 @@ class JobStore:
                 created_at=time.time()))
         return f"ftk_{key_id}_{secret}"
 
+    def rotate_token(self, name: str) -> str:
+        """A new token for the tenant; the old one stops working at once. Returns the new token."""
+        key_id, secret, salt = _new_secret()
+        self._set_token(name, key_id=key_id, salt=salt, token_hash=_hash(salt, secret))
+        return f"ftk_{key_id}_{secret}"
+
+    def revoke_token(self, name: str) -> None:
+        """The tenant's token stops working at once (its jobs and files stay; ``rotate`` issues a new one)."""
+        self._set_token(name, key_id=secrets.token_hex(6), salt=secrets.token_hex(16), token_hash="")
+
+    def _set_token(self, name: str, **values: str) -> None:
+        with self._engine.begin() as conn:
+            if not conn.execute(_tenants.update().where(_tenants.c.name == name).values(**values)).rowcount:
+                raise TenantError(f"tenant {name!r}: no such tenant")
+
+    def set_limits(self, name: str, overrides: dict[str, int | None]) -> dict:
+        """Merge ``overrides`` (None removes one) into the tenant's limits; returns the tenant's overrides."""
+        unknown = set(overrides) - set(TenantLimits.names())
+        if unknown:
+            raise TenantError(f"unknown limit(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(TenantLimits.names())}")
+        with self._engine.begin() as conn:
+            row = conn.execute(sa.select(_tenants).where(_tenants.c.name == name)).first()
+            if row is None:
+                raise TenantError(f"tenant {name!r}: no such tenant")
+            merged = {**(json.loads(row.limits_json) if row.limits_json else {}), **overrides}
+            merged = {k: v for k, v in merged.items() if v is not None}
+            TenantLimits().with_overrides(merged)  # validates the values
+            conn.execute(_tenants.update().where(_tenants.c.name == name).values(
+                limits_json=json.dumps(merged, sort_keys=True) if merged else None))
+        return merged
+
     def tenant_for_token(self, token: str) -> TenantRecord | None:
         m = _TOKEN_RE.fullmatch(token.strip())
         if m is None:
             return None
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(_tenants).where(_tenants.c.key_id == m.group(1))).first()
-        if row is None or not hmac.compare_digest(row.token_hash, _hash(row.salt, m.group(2))):
+        if row is None or not row.token_hash or not hmac.compare_digest(row.token_hash, _hash(row.salt, m.group(2))):
             return None
-        return TenantRecord(row.name, row.weight, row.created_at)
+        return _tenant_record(row)
 
     def tenants(self) -> list[TenantRecord]:
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(_tenants).order_by(_tenants.c.name)).all()
-        return [TenantRecord(r.name, r.weight, r.created_at) for r in rows]
+        return [_tenant_record(r) for r in rows]
+
+    def tenant(self, name: str) -> TenantRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(_tenants).where(_tenants.c.name == name)).first()
+        return None if row is None else _tenant_record(row)
 
     # ---- jobs ----
     def create_job(self, new: NewJob) -> JobRecord:
@@ -246,7 +308,8 @@ class JobStore:
                 priority=new.priority, state=JobState.QUEUED.value, step=0, max_steps=new.max_steps,
                 tokens=0, spec_text=new.spec_text, config_json=json.dumps(new.config), job_dir=new.job_dir,
                 adapter_dir=new.adapter_dir, adapter_params=new.adapter_params, max_length=new.max_length,
-                cancel_requested=False, checkpoint_step=0, created_at=now, updated_at=now))
+                memory_bytes=new.memory_bytes, cancel_requested=False, checkpoint_step=0, created_at=now,
+                updated_at=now))
             conn.execute(_events.insert().values(job_id=new.id, time=now, message="submitted: queued"))
         return self.job(new.id)
 
@@ -267,6 +330,16 @@ class JobStore:
             query = query.where(_jobs.c.state.in_([s.value for s in states]))
         with self._engine.connect() as conn:
             return [_job(r) for r in conn.execute(query).all()]
+
+    def count_jobs(self, *, tenant: str, states: Iterable[JobState]) -> int:
+        query = sa.select(sa.func.count()).select_from(_jobs).where(
+            _jobs.c.tenant == tenant, _jobs.c.state.in_([s.value for s in states]))
+        with self._engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def job_ids(self) -> set[str]:
+        with self._engine.connect() as conn:
+            return {r.id for r in conn.execute(sa.select(_jobs.c.id)).all()}
 
     def request_cancel(self, job_id: str, *, tenant: str) -> JobRecord | None:
         """Flag the job for the controller to cancel; None if the tenant has no such job."""
@@ -333,6 +406,44 @@ class JobStore:
 
 def _hash(salt: str, secret: str) -> str:
     return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
+
+
+def _new_secret() -> tuple[str, str, str]:
+    """(key id, secret, salt) of a new token."""
+    return secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite file 0600 (or tighten an existing one) before SQLite opens it.
+
+    SQLite gives its -wal and -shm files the database file's mode, so they are 0600 too.
+    """
+    path = sa.engine.make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    # Never open (and close) an existing database file here: closing any descriptor of it
+    # drops every POSIX lock this process holds on it, those of live SQLite connections too.
+    for existing in (path, f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(existing):
+            os.chmod(existing, 0o600)
+    if not os.path.exists(path):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Columns added after a store was created (all nullable): ``ALTER TABLE ... ADD COLUMN``."""
+    inspector = sa.inspect(engine)
+    for table in (_tenants, _jobs):
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+                logger.info("job store: added column %s.%s", table.name, column.name)
 
 
 def _sqlite_immediate_transactions(engine: sa.Engine) -> None:

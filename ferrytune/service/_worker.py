@@ -1,29 +1,43 @@
 """The worker: one base model, a changing set of LoRA jobs, driven tick by tick by the controller.
 
 :class:`TrainWorker` is a plain class; the controller runs it as a Ray actor
-(``ray.remote(TrainWorker)``), one per (base, dtype) group slot. The protocol is one
-method, :meth:`TrainWorker.tick`: apply the controller's commands (jobs join or leave:
-this is the only place they do, so always between steps), then train packed steps for
-about ``slice_s`` seconds, and report per-job progress. A tick always ends at a step
-boundary, which is where preemption and cancellation take effect.
+(``ray.remote(TrainWorker)``, two concurrent calls so :meth:`TrainWorker.interrupt` can
+reach a running tick), one per (base, dtype) group slot. The protocol is one method,
+:meth:`TrainWorker.tick`: apply the controller's commands (jobs join or leave: this is
+the only place they do, so always between steps), then train packed steps for about
+``slice_s`` seconds, and report per-job progress. A tick always ends at a step boundary,
+which is where preemption and cancellation take effect; :meth:`interrupt` ends the
+running tick after its current step, so a cancel waits at most one step.
+
+A job that is added first has its dataset loaded and tokenised on a loader thread, while
+the other jobs keep training; it joins the packed step once its data is ready.
 
 Each job is checkpointed every ``checkpoint_every_steps`` of its steps, when it is
 removed with ``checkpoint=True`` (preemption) and when it finishes; a finished job is
 exported in PEFT format to its adapter dir and leaves the worker. When the actor dies,
 its jobs resume elsewhere from their last checkpoints (the trainer's ``add_job`` does
 that by itself).
+
+**One job's failure is that job's alone.** Whatever one job's data load, step,
+checkpoint or export raises fails that job, and the worker and its other jobs go on: a
+packed step that raises is retried job by job, and only the jobs that fail alone fail.
+The tenant sees one clean line (:func:`~ferrytune.service._public.public_message`: no
+server path, no other job); the traceback goes to the worker's log.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import os
 import socket
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from ferrytune.errors import FerrytuneError
+from ferrytune.service._public import public_message
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +56,10 @@ def remove_command(job_id: str, *, checkpoint: bool) -> dict:
     return {"op": "remove", "job_id": job_id, "checkpoint": checkpoint}
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if isinstance(e, FerrytuneError) and text else f"{type(e).__name__}: {text}"[:500]
+def _own_dirs(cmd: dict) -> tuple[str, ...]:
+    """The job's folder and its tenant's area: paths a job's error may show, made relative."""
+    job_dir = Path(cmd["work_dir"]).parent
+    return str(job_dir), str(job_dir.parent.parent)
 
 
 class TrainWorker:
@@ -53,6 +68,7 @@ class TrainWorker:
     def __init__(self, worker_id: str, base_path: str, *, dtype: str, token_capacity: int,
                  checkpoint_every_steps: int, num_threads: int, seed: int = 0, offload: dict | None = None,
                  store_dtype: str = "auto"):
+        os.umask(0o077)  # checkpoints and adapters are the tenant's: private to the service's user
         self.worker_id = worker_id
         self.base_path = base_path
         self.dtype = dtype
@@ -63,10 +79,22 @@ class TrainWorker:
         self.offload = offload
         self.store_dtype = store_dtype
         self._trainer = None
-        self._jobs: dict[str, dict] = {}  # job id -> its add command
+        self._jobs: dict[str, dict] = {}  # job id -> its add command (jobs on the trainer)
+        self._loading: dict[str, tuple[dict, concurrent.futures.Future]] = {}  # job id -> (command, its data)
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ferrytune-data")
+        self._interrupt = threading.Event()
 
     def ping(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def interrupt(self) -> None:
+        """End the running tick after its current step (a cancel or preemption is waiting)."""
+        self._interrupt.set()
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self._trainer is not None:
+            self._trainer.close()
 
     def _ensure_trainer(self):
         if self._trainer is None:
@@ -91,8 +119,9 @@ class TrainWorker:
         return self._trainer
 
     def tick(self, commands: list[dict], *, slice_s: float) -> dict[str, Any]:
-        """Apply ``commands``, then train until ``slice_s`` has passed or no job is left."""
+        """Apply ``commands``, then train until ``slice_s`` has passed, no job is left, or an interrupt."""
         t0 = time.monotonic()
+        self._interrupt.clear()
         jobs: dict[str, dict[str, Any]] = {}
         if self._trainer is None:
             # The first tick only loads the base and adds its jobs, then reports: jobs the
@@ -104,12 +133,28 @@ class TrainWorker:
                 self._add(trainer, cmd, jobs)
             elif cmd["op"] == "remove":
                 self._remove(trainer, cmd, jobs)
+        if slice_s == 0.0 and self._loading:
+            # first tick: small datasets are ready in moments; let them join the first step
+            concurrent.futures.wait([f for _, f in self._loading.values()], timeout=2.0)
         num_steps = 0
-        while self._jobs and time.monotonic() - t0 < slice_s:
+        while True:
+            self._join_loaded(trainer, jobs)
+            if time.monotonic() - t0 >= slice_s or self._interrupt.is_set():
+                break
+            if not self._jobs:
+                if not self._loading:
+                    break
+                left = slice_s - (time.monotonic() - t0)
+                concurrent.futures.wait([f for _, f in self._loading.values()], timeout=max(0.0, left),
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
             self._step(trainer, jobs)
             num_steps += 1
         for job_id in self._jobs:
             jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
+        for job_id in self._loading:
+            jobs.setdefault(job_id, {"state": "running", "metrics": [], "error": None, "checkpoint_step": None,
+                                     "loading": True})
         return {"worker_id": self.worker_id, "pid": os.getpid(), "num_steps": num_steps, "jobs": jobs,
                 "elapsed_s": time.monotonic() - t0}
 
@@ -120,42 +165,88 @@ class TrainWorker:
         entry.update(extra)
         return entry
 
+    def _fail(self, trainer, job_id: str, jobs: dict, what: str, e: BaseException, cmd: dict) -> None:
+        """Fail this job alone: a clean line for its tenant, the traceback for the log."""
+        logger.warning("worker %s: job %s: %s", self.worker_id, job_id, what, exc_info=e)
+        entry = jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
+        entry.update(state="failed", error=f"{what}: {public_message(e, own_dirs=_own_dirs(cmd), job_id=job_id)}")
+        if job_id in self._jobs:
+            del self._jobs[job_id]
+            try:
+                trainer.remove_job(job_id)
+            except Exception:  # noqa: BLE001 - it is failed either way; the others must go on
+                logger.exception("worker %s: removing failed job %s", self.worker_id, job_id)
+
+    # ---- jobs join: data loaded on the loader thread, joined at a step boundary ----
     def _add(self, trainer, cmd: dict, jobs: dict) -> None:
         job_id = cmd["job_id"]
-        try:
-            step = trainer.add_job(job_id, cmd["config"], train_path=cmd["train_path"], work_dir=cmd["work_dir"])
-        except Exception as e:  # noqa: BLE001 - a bad job must not take the worker (and its other jobs) down
-            logger.warning("job %s cannot start: %s", job_id, _one_line(e))
-            jobs[job_id] = self._entry(trainer, job_id, "failed", error=_one_line(e))
+        if job_id in self._jobs or job_id in self._loading:
             return
-        self._jobs[job_id] = cmd
-        jobs[job_id] = self._entry(trainer, job_id, "running", resumed_from=step)
-        if trainer.is_done(job_id):  # died after its last step, before the controller heard of it
-            self._finish(trainer, job_id, jobs[job_id])
+        self._loading[job_id] = (cmd, self._loader.submit(self._load, trainer, cmd))
+
+    @staticmethod
+    def _load(trainer, cmd: dict):
+        from ferrytune.config import config_from_dict
+        from ferrytune.data import load_examples
+
+        cfg = config_from_dict(cmd["config"], source=f"job {cmd['job_id']}", check_device=False)
+        data = cfg.data.model_copy(update={"eval": None, "train": cmd["train_path"]})
+        examples, _ = load_examples(data, trainer.tokenizer)
+        return cfg, examples
+
+    def _join_loaded(self, trainer, jobs: dict) -> None:
+        for job_id, (cmd, future) in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[job_id]
+            try:
+                cfg, examples = future.result()
+                step = trainer.add_job(job_id, cfg, train_path=cmd["train_path"], work_dir=cmd["work_dir"],
+                                       examples=examples)
+            except Exception as e:  # noqa: BLE001 - a bad job must not take the worker (and its other jobs) down
+                self._fail(trainer, job_id, jobs, "cannot start", e, cmd)
+                continue
+            self._jobs[job_id] = cmd
+            jobs[job_id] = self._entry(trainer, job_id, "running", resumed_from=step)
+            if trainer.is_done(job_id):  # died after its last step, before the controller heard of it
+                self._finish(trainer, job_id, jobs[job_id], jobs)
 
     def _remove(self, trainer, cmd: dict, jobs: dict) -> None:
         job_id = cmd["job_id"]
+        if job_id in self._loading:  # not on the trainer yet: nothing to checkpoint
+            self._loading.pop(job_id)[1].cancel()
+            jobs[job_id] = {"state": "removed", "metrics": [], "error": None, "checkpoint_step": None}
+            return
         if job_id not in self._jobs:
             jobs[job_id] = {"state": "removed", "metrics": [], "error": None, "checkpoint_step": None}
             return
         entry = jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
         if cmd["checkpoint"]:
-            trainer.checkpoint(job_id)
+            try:
+                trainer.checkpoint(job_id)
+            except Exception as e:  # noqa: BLE001 - its progress since the last checkpoint cannot be kept
+                self._fail(trainer, job_id, jobs, "cannot checkpoint", e, self._jobs[job_id])
+                return
             entry["checkpoint_step"] = trainer.job_step(job_id)
         trainer.remove_job(job_id)
         del self._jobs[job_id]
         entry["state"] = "removed"
 
+    # ---- the packed step ----
     def _step(self, trainer, jobs: dict) -> None:
+        before = {job_id: trainer.job_step(job_id) for job_id in self._jobs}
         try:
             results = trainer.step()
-        except Exception as e:  # the packed step failed: no job of it can go on here
-            logger.exception("packed step failed on worker %s", self.worker_id)
+        except Exception:  # noqa: BLE001 - find the job(s) at fault: retry each alone
+            logger.exception("packed step failed on worker %s; retrying its jobs one by one", self.worker_id)
+            results = {}
             for job_id in list(self._jobs):
-                jobs[job_id] = self._entry(trainer, job_id, "failed", error=f"training step failed: {_one_line(e)}")
-                trainer.remove_job(job_id)
-                del self._jobs[job_id]
-            return
+                if trainer.job_step(job_id) != before[job_id]:
+                    continue  # its optimizer stepped before the failure: that step is done
+                try:
+                    results.update(trainer.step(job_ids=[job_id]))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(trainer, job_id, jobs, "training step failed", e, self._jobs[job_id])
         now = time.time()
         for job_id, m in results.items():
             entry = jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
@@ -167,19 +258,25 @@ class TrainWorker:
                 trainer.remove_job(job_id)
                 del self._jobs[job_id]
             elif m["done"]:
-                self._finish(trainer, job_id, entry)
+                self._finish(trainer, job_id, entry, jobs)
             elif int(m["step"]) % self.checkpoint_every_steps == 0:
-                trainer.checkpoint(job_id)
+                try:
+                    trainer.checkpoint(job_id)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(trainer, job_id, jobs, "cannot checkpoint", e, self._jobs[job_id])
+                    continue
                 entry["checkpoint_step"] = int(m["step"])
 
-    def _finish(self, trainer, job_id: str, entry: dict) -> None:
+    def _finish(self, trainer, job_id: str, entry: dict, jobs: dict) -> None:
         cmd = self._jobs[job_id]
         try:
             trainer.checkpoint(job_id)
             entry["checkpoint_step"] = trainer.job_step(job_id)
             trainer.export(job_id, cmd["adapter_dir"], base_model_name_or_path=cmd["base_name"])
-            entry["state"] = "finished"
+            os.chmod(cmd["adapter_dir"], 0o700)  # the export makes it 0755; a tenant's folders are 0700
         except Exception as e:  # noqa: BLE001 - reported as the job's error
-            entry.update(state="failed", error=f"cannot save the adapter: {_one_line(e)}")
+            self._fail(trainer, job_id, jobs, "cannot save the adapter", e, cmd)
+            return
+        entry["state"] = "finished"
         trainer.remove_job(job_id)
         del self._jobs[job_id]

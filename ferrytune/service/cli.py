@@ -9,6 +9,9 @@ Examples::
 
     ferrytune serve --host 127.0.0.1 --port 8321 --state-dir /srv/ft --base smollm2=/models/SmolLM2-135M
     ferrytune tenants add alice --state-dir /srv/ft          # prints alice's token once
+    ferrytune tenants rotate alice --state-dir /srv/ft       # a new token; the old one stops working now
+    ferrytune tenants revoke alice --state-dir /srv/ft       # alice's token stops working now
+    ferrytune tenants limits alice --max-running-jobs 2 --state-dir /srv/ft
     export FERRYTUNE_URL=http://127.0.0.1:8321 FERRYTUNE_TOKEN=ftk_...
     ferrytune submit job.yaml                                 # prints the job id
     ferrytune status j-0123456789abcdef --json
@@ -45,8 +48,38 @@ def _client(args: argparse.Namespace):
     return Client(args.url or os.environ.get("FERRYTUNE_URL", ""), args.token or os.environ.get("FERRYTUNE_TOKEN", ""))
 
 
+_LIMIT_FLAGS = {  # TenantLimits field -> (flag, unit multiplier, help)
+    "max_jobs": ("--max-jobs", 1, "jobs a tenant may have queued or running at once"),
+    "max_running_jobs": ("--max-running-jobs", 1, "jobs of a tenant on workers at once"),
+    "max_steps": ("--max-steps", 1, "train.steps of one job"),
+    "max_tokens_per_step": ("--max-tokens-per-step", 1, "train.batch_size x data.max_length of one job"),
+    "max_dataset_bytes": ("--max-dataset-mib", 1 << 20, "one uploaded dataset, MiB"),
+    "max_disk_bytes": ("--max-disk-gib", 1 << 30, "everything in a tenant's area, GiB"),
+}
+
+
+def _limit_args(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    from ferrytune.service._limits import TenantLimits
+
+    base = TenantLimits()
+    for name, (flag, unit, text) in _LIMIT_FLAGS.items():
+        default = getattr(base, name) // unit
+        p.add_argument(flag, type=int, default=default if defaults else None, dest=name,
+                       help=f"{text} (default {default})" if defaults else text)
+
+
+def _limits_from(args: argparse.Namespace) -> dict[str, int | None]:
+    return {name: None if getattr(args, name) is None else getattr(args, name) * unit
+            for name, (_, unit, _) in _LIMIT_FLAGS.items()}
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    if args.host in ("127.0.0.1", "localhost", "::1") and not args.address:
+        # before Ray is imported: keep the embedded Ray on loopback (see _service.LOOPBACK_RAY_ENV)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.umask(0o077)  # the state dir is private to the service's user (files 0600, folders 0700)
     from ferrytune.service._controller import ControllerSettings
+    from ferrytune.service._limits import TenantLimits
     from ferrytune.service._service import Service, ServiceConfig, parse_base_args
 
     if not logging.getLogger().handlers:
@@ -56,22 +89,25 @@ def serve_main(args: argparse.Namespace) -> int:
         max_jobs_per_worker=args.max_jobs_per_worker, token_capacity=args.token_capacity,
         min_slice_s=args.min_slice_s, checkpoint_every_steps=args.checkpoint_every_steps,
         worker_num_cpus=args.worker_cpus, base_store_dtype=args.base_store_dtype,
+        tenant_limits=TenantLimits(**_limits_from(args)),
         base_offload=None if args.base_tier == "resident" else {
             "tier": args.base_tier, "nvme_dir": args.base_nvme_dir, "host_budget_gib": args.base_host_budget_gib})
     if args.base_tier == "nvme" and not args.base_nvme_dir:
         raise ConfigError("--base-nvme-dir is required with --base-tier nvme")
     config = ServiceConfig(state_dir=args.state_dir, bases=parse_base_args(args.base), host=args.host,
-                           port=args.port, db_url=args.db, ray_address=args.address, controller=settings)
+                           port=args.port, db_url=args.db, ray_address=args.address, controller=settings,
+                           auth_max_failures=args.auth_max_failures, auth_window_s=args.auth_window_s,
+                           ray_num_cpus=args.ray_cpus)
     Service(config).serve_forever()
     return 0
 
 
 def tenants_main(args: argparse.Namespace) -> int:
     from ferrytune.service._paths import StateLayout
-    from ferrytune.service._store import JobStore
+    from ferrytune.service._store import JobStore, TenantError
 
     layout = StateLayout(args.state_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.ensure_root()
     store = JobStore.open(args.db or layout.default_db_url)
     try:
         if args.tenants_command == "add":
@@ -79,9 +115,31 @@ def tenants_main(args: argparse.Namespace) -> int:
             layout.ensure_tenant(args.name)
             print(f"tenant {args.name!r} created; its API token (shown only now):", file=sys.stderr)
             print(token)
+        elif args.tenants_command == "rotate":
+            token = store.rotate_token(args.name)
+            print(f"tenant {args.name!r}: new API token (shown only now); the old one no longer works:",
+                  file=sys.stderr)
+            print(token)
+        elif args.tenants_command == "revoke":
+            store.revoke_token(args.name)
+            print(f"tenant {args.name!r}: API token revoked ('ferrytune tenants rotate' issues a new one)",
+                  file=sys.stderr)
+        elif args.tenants_command == "limits":
+            changes = {k: v for k, v in _limits_from(args).items() if v is not None}
+            changes.update({k: None for k in args.clear or []})
+            if changes:
+                own = store.set_limits(args.name, changes)
+            elif (record := store.tenant(args.name)) is not None:
+                own = record.overrides
+            else:
+                raise TenantError(f"tenant {args.name!r}: no such tenant")
+            print(f"tenant {args.name!r} limits: " + (", ".join(f"{k}={v}" for k, v in sorted(own.items()))
+                                                     or "the service's defaults"))
         else:
             for t in store.tenants():
-                print(f"{t.name}\tweight {t.weight:g}")
+                revoked = "\trevoked" if t.revoked else ""
+                own = ", ".join(f"{k}={v}" for k, v in sorted(t.overrides.items()))
+                print(f"{t.name}\tweight {t.weight:g}{revoked}" + (f"\tlimits {own}" if own else ""))
     finally:
         store.close()
     return 0
@@ -156,6 +214,12 @@ def add_service_subcommands(subparsers) -> None:
     p.add_argument("--base-host-budget-gib", type=float, default=4.0, help="host buffer budget of a streamed base")
     p.add_argument("--base-store-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the streamed base's blocks")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--auth-max-failures", type=int, default=20,
+                   help="failed authentications per client address per --auth-window-s before 429")
+    p.add_argument("--auth-window-s", type=float, default=60.0)
+    limits = p.add_argument_group("per-tenant limits (defaults; 'ferrytune tenants limits' overrides them per tenant)")
+    _limit_args(limits, defaults=True)
     p.set_defaults(func=serve_main)
 
     p = subparsers.add_parser("tenants", help="manage the service's tenants (run on the service host)")
@@ -168,6 +232,19 @@ def add_service_subcommands(subparsers) -> None:
     lst = sub.add_parser("list", help="list tenants")
     lst.add_argument("--state-dir", required=True)
     lst.add_argument("--db", default=None)
+    for name, text in (("rotate", "issue a new API token (printed once); the old one stops working at once"),
+                       ("revoke", "the tenant's API token stops working at once")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("name")
+        cmd.add_argument("--state-dir", required=True)
+        cmd.add_argument("--db", default=None)
+    lim = sub.add_parser("limits", help="show or override a tenant's limits (the service's flags are the defaults)")
+    lim.add_argument("name")
+    lim.add_argument("--state-dir", required=True)
+    lim.add_argument("--db", default=None)
+    _limit_args(lim, defaults=False)
+    lim.add_argument("--clear", action="append", choices=sorted(_LIMIT_FLAGS), metavar="LIMIT",
+                     help="drop an override (back to the service's default); repeatable")
     p.set_defaults(func=tenants_main)
 
     p = subparsers.add_parser("submit", help="upload a job spec and the dataset it names; prints the job id")
