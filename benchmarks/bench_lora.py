@@ -249,7 +249,7 @@ def main() -> int:
     from ferrytune.data import pad_id_for
     from ferrytune.engine._lora_trainer import LoraTrainer
     from ferrytune.engine._metrics import host_rss_gib, stream_delta
-    from ferrytune.engine._zo_trainer import pad_positions
+    from ferrytune.data import pad_positions
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -73,7 +73,7 @@ def batches_for(args, tokenizer_path: str):
     from bench_lora import make_bench_data
 
     from ferrytune.data import Batcher, encode, load_jsonl, load_tokenizer, pad_id_for
-    from ferrytune.engine._zo_trainer import pad_positions
+    from ferrytune.data import pad_positions
 
     total = args.warmup_steps + args.steps
     data = make_bench_data(Path(args.src_data), Path(args.dir) / f"data_{os.getpid()}", rows=args.batch_size * (total + 2),

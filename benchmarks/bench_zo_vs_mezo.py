@@ -190,7 +190,7 @@ def main() -> None:
     plains = {"plain": PlainMeZO(a.model, eps=cfg.zo.eps, lr=cfg.train.lr, seed=0, full_logits=False)}
     if not a.no_full:
         plains["plain_full"] = PlainMeZO(a.model, eps=cfg.zo.eps, lr=cfg.train.lr, seed=0, full_logits=True)
-    from ferrytune.engine._zo_trainer import pad_positions
+    from ferrytune.data import pad_positions
 
     tr = ft.trainer
     mods = {"ferrytune": ModuleCPU(tr.rt.layout.model),

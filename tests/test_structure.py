@@ -1,4 +1,5 @@
-"""The package structure docs/architecture.md describes: no import circle between ferrytune's packages.
+"""The package structure docs/architecture.md describes: each package's ``__init__`` is its public face,
+no package imports another's ``_`` module, and no import circle between packages or modules.
 
 Every ``import`` in ``ferrytune/`` counts, also those inside functions (a lazy import still ties
 the two packages together: a circle of them is a design knot, only hidden from the interpreter).
@@ -78,6 +79,20 @@ def _cycle(graph: dict[str, dict[str, str]]) -> list[str] | None:
 def test_the_walk_sees_the_imports():
     graph = _package_graph()
     assert "offload" in graph["engine"] and "engine" in graph["service"]  # known edges: the walk works
+
+
+def test_no_package_imports_another_packages_private_module():
+    bad = [f"{where}: {dst}" for src, dst, where in _imports()
+           if _package_of(src) != _package_of(dst) and any(p.startswith("_") for p in dst.split(".")[1:])]
+    assert not bad, "import the package's public face instead:\n" + "\n".join(bad)
+
+
+def test_every_package_has_a_public_face():
+    for init in sorted(ROOT.glob("*/__init__.py")):
+        tree = ast.parse(init.read_text())
+        names = [n for n in tree.body if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+        assert ast.get_docstring(tree) and names, f"{init.relative_to(ROOT.parent)}: a docstring and __all__"
 
 
 def test_no_import_circle_between_packages():

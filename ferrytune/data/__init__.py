@@ -8,7 +8,7 @@ Pipeline: ``load_jsonl`` (validate rows) -> ``encode`` (tokens, loss positions)
 
 from pathlib import Path
 
-from ferrytune.data._batch import Batch, collate, correct_per_sample, gather_positions, loss_per_sample
+from ferrytune.data._batch import Batch, collate, correct_per_sample, gather_positions, loss_per_sample, pad_positions
 from ferrytune.data._batcher import Batcher, eval_batches, shard
 from ferrytune.data._encode import Example, encode, load_examples, load_tokenizer, pad_id_for, verbalizer_token_ids
 from ferrytune.data._jsonl import ClassificationRow, CompletionRow, Dataset, load_jsonl
@@ -43,6 +43,7 @@ __all__ = [
     "load_tokenizer",
     "loss_per_sample",
     "pad_id_for",
+    "pad_positions",
     "shard",
     "verbalizer_token_ids",
 ]

@@ -120,3 +120,17 @@ def correct_per_sample(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return class_logits.argmax(dim=-1) == batch.labels
     hit = (logits.argmax(dim=-1) == batch.loss_targets) | (batch.loss_mask == 0)  # (B, L)
     return hit.all(dim=1)
+
+
+def pad_positions(batches: list[Batch]) -> list[Batch]:
+    """Give every micro-batch the same number L of scored positions (stacking needs it)."""
+    L = max(b.loss_positions.shape[1] for b in batches)
+    out = []
+    for b in batches:
+        extra = L - b.loss_positions.shape[1]
+        if extra:
+            pad = lambda t, v=0: torch.cat([t, torch.full((t.shape[0], extra), v, dtype=t.dtype)], dim=1)
+            b = Batch(b.input_ids, b.attention_mask, pad(b.loss_positions), pad(b.loss_targets),
+                      pad(b.loss_mask), b.labels, b.class_token_ids)
+        out.append(b)
+    return out

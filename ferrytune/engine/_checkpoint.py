@@ -27,8 +27,8 @@ import torch
 
 from ferrytune.atomic import fsync_dir, write_atomic_json
 from ferrytune.errors import CheckpointError
-from ferrytune.models._layout import ModelLayout
-from ferrytune.models._safetensors import SafetensorsWriter
+from ferrytune.models import ModelLayout
+from ferrytune.models import SafetensorsWriter
 
 logger = logging.getLogger(__name__)
 

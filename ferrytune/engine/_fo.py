@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
-from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
 
 

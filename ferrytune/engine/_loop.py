@@ -48,7 +48,7 @@ class StepLoop:
         """``read_only``: evaluation (``ferrytune eval``, ``replay``) of weights named by the config; the
         trainer then writes nothing into ``output_dir`` and removes nothing from it, so a run's
         folder, even one still training, is left byte for byte as it was."""
-        from ferrytune.parallel._mesh import Mesh
+        from ferrytune.parallel import Mesh
 
         self.cfg = cfg
         self.mesh = mesh or Mesh()
@@ -179,7 +179,7 @@ class StepLoop:
 
     def _eval_result(self, totals, prefix: str) -> dict:
         """Sum (loss, correct, count) over ranks into the eval metrics, and log them."""
-        from ferrytune.parallel._mesh import all_reduce_sum_
+        from ferrytune.parallel import all_reduce_sum_
 
         all_reduce_sum_(totals, self.mesh)
         loss, correct, count = totals.tolist()

@@ -31,11 +31,11 @@ from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
-from ferrytune.engine._zo_trainer import pad_positions
+from ferrytune.data import pad_positions
 from ferrytune.errors import ConfigError
 from ferrytune.lora import Adapter, LoraSpec, attach, find_targets, load_peft, save_peft
 from ferrytune.parallel import AgreementCheck, adapter_sample
-from ferrytune.parallel._mesh import all_reduce_sum_
+from ferrytune.parallel import all_reduce_sum_
 
 logger = logging.getLogger(__name__)
 

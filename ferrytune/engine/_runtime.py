@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from ferrytune.errors import CheckpointError, ConfigError
-from ferrytune.models._layout import OUTER, ModelLayout, load_layout
-from ferrytune.models._safetensors import SafetensorsReader
+from ferrytune.models import OUTER, ModelLayout, load_layout
+from ferrytune.models import SafetensorsReader
 from ferrytune.offload import GIB, BlockSize, BlockStreamer, Plan, build_streamer, make_plan
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ferrytune.models._layout import ModelLayout, Unit
+from ferrytune.models import ModelLayout, Unit
 
 
 def slice_rows(obj: Any, n_total: int, start: int, end: int) -> Any:

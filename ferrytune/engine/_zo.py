@@ -39,7 +39,7 @@ import torch
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
 from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, chained_copies, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
-from ferrytune.models._layout import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
 
 logger = logging.getLogger(__name__)

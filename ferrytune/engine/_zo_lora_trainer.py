@@ -22,10 +22,11 @@ from ferrytune.engine._lora_trainer import LoraTrainer
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._loop import StepResult
 from ferrytune.engine._zo_math import ZOHyper, chained_copies, zo_update_
-from ferrytune.engine._zo_trainer import grads_from, pad_positions, streams_for
+from ferrytune.data import pad_positions
+from ferrytune.engine._zo_trainer import grads_from, streams_for
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.lora import Adapter, Router, attach
-from ferrytune.parallel._mesh import all_reduce_sum_
+from ferrytune.parallel import all_reduce_sum_
 
 logger = logging.getLogger(__name__)
 

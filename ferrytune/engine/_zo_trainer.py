@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ferrytune.data import Batch, correct_per_sample, eval_batches, collate
+from ferrytune.data import Batch, collate, correct_per_sample, eval_batches, pad_positions
 from ferrytune.data import loss_per_sample
 from ferrytune.engine._checkpoint import (checkpoint_dir, prune_checkpoints, save_model_folder)
 from ferrytune.engine._loop import StepLoop, StepResult
@@ -28,7 +28,7 @@ from ferrytune.engine._zo_math import ZOHyper
 from ferrytune.errors import CheckpointError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
-from ferrytune.parallel._mesh import Mesh, all_reduce_sum_
+from ferrytune.parallel import Mesh, all_reduce_sum_
 
 logger = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ def streams_for(q: int, mesh: Mesh) -> list[Stream]:
         return all_streams
     sign = 1 if mesh.pp_rank == 0 else -1
     return [st for st in all_streams if st[1] == sign]
-
-
-def pad_positions(batches: list[Batch]) -> list[Batch]:
-    """Give every micro-batch the same number L of scored positions (stacking needs it)."""
-    L = max(b.loss_positions.shape[1] for b in batches)
-    out = []
-    for b in batches:
-        extra = L - b.loss_positions.shape[1]
-        if extra:
-            pad = lambda t, v=0: torch.cat([t, torch.full((t.shape[0], extra), v, dtype=t.dtype)], dim=1)
-            b = Batch(b.input_ids, b.attention_mask, pad(b.loss_positions), pad(b.loss_targets),
-                      pad(b.loss_mask), b.labels, b.class_token_ids)
-        out.append(b)
-    return out
 
 
 def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[Stream], *,

@@ -61,7 +61,7 @@ def eval_command(args) -> int:
 
 
 def plan_command(args) -> int:
-    from ferrytune.engine._runtime import build_runtime
+    from ferrytune.engine import build_runtime
 
     cfg = load_config(args.config, args.overrides)
     rt = build_runtime(cfg)
@@ -74,7 +74,7 @@ def plan_command(args) -> int:
 
 
 def replay_command(args) -> int:
-    from ferrytune.engine._zo_trainer import ZOTrainer
+    from ferrytune.engine import ZOTrainer
 
     cfg = load_config(args.config, args.overrides)
     cfg = cfg.model_copy(update={"resume": "never"})

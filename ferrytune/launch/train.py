@@ -23,19 +23,13 @@ def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None
     ``collective_timeout_s``: how long a rank waits on its peers before failing
     (default ``ferrytune.parallel.COLLECTIVE_TIMEOUT_S``).
     """
-    from ferrytune.engine._runtime import check_device
-    from ferrytune.parallel._mesh import COLLECTIVE_TIMEOUT_S, init_mesh, shutdown
+    from ferrytune.engine import check_device, trainer_class
+    from ferrytune.parallel import COLLECTIVE_TIMEOUT_S, init_mesh, shutdown
 
     check_device(cfg)
     mesh = init_mesh(cfg.parallel, device=cfg.device, timeout_s=collective_timeout_s or COLLECTIVE_TIMEOUT_S)
     try:
-        if cfg.method == "zo" and cfg.zo.trainable == "lora":
-            from ferrytune.engine._zo_lora_trainer import ZOLoraTrainer as Trainer
-        elif cfg.method == "zo":
-            from ferrytune.engine._zo_trainer import ZOTrainer as Trainer
-        else:
-            from ferrytune.engine._lora_trainer import LoraTrainer as Trainer
-        trainer = Trainer(cfg, mesh=mesh)
+        trainer = trainer_class(cfg)(cfg, mesh=mesh)
         trainer.setup()
         try:
             return trainer.train(progress=progress)
@@ -49,17 +43,17 @@ def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
     """Evaluate on ``data.eval``: full weights (an HF folder) or, for LoRA configs, a PEFT adapter.
 
     Read-only: the run folder of ``cfg`` (``output_dir``) is left as it is, also while it trains."""
+    from ferrytune.engine import LoraTrainer, ZOTrainer
     from ferrytune.errors import ConfigError
 
     if not cfg.data.eval:
         raise ConfigError("data.eval: set an evaluation file to run ferrytune eval")
     lora = cfg.method == "lora" or cfg.zo.trainable == "lora"
+    Trainer = LoraTrainer if lora else ZOTrainer
     if lora:
-        from ferrytune.engine._lora_trainer import LoraTrainer as Trainer
         if checkpoint:  # a PEFT adapter folder on top of model.path
             cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init_from": checkpoint})})
     else:
-        from ferrytune.engine._zo_trainer import ZOTrainer as Trainer
         if checkpoint:  # an HF model folder
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     cfg = cfg.model_copy(update={"resume": "never", "method": "lora" if lora else "zo"})

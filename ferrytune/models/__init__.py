@@ -1,5 +1,18 @@
-"""HF models on the meta device cut into units and blocks; safetensors read and written one tensor at a time."""
+"""HF causal LMs as ferrytune sees them: built on the meta device, cut into units and blocks.
 
+* ``load_layout(path)`` (``_layout.py``): the model on meta, its decoder layers and outer modules
+  as ``Unit``s, their parameters (``ParamSpec``) packed into ``BlockSpec``s; ``bind`` puts a
+  tensor behind a parameter of the meta model;
+* ``SafetensorsReader`` / ``SafetensorsWriter`` (``_safetensors.py``): one tensor at a time;
+* ``load_resident_model`` (``_resident.py``): a plain resident HF model with aligned storage,
+  the reference the engine is compared with.
+"""
+
+from ferrytune.models._layout import (OUTER, BlockSpec, ModelLayout, ParamSpec, Unit, bind, build_layout,
+                                      build_skeleton, load_layout)
 from ferrytune.models._resident import ALIGN_BYTES, load_resident_model, own_aligned_storage_
+from ferrytune.models._safetensors import SafetensorsReader, SafetensorsWriter, iter_shard_files
 
-__all__ = ["ALIGN_BYTES", "load_resident_model", "own_aligned_storage_"]
+__all__ = ["ALIGN_BYTES", "OUTER", "BlockSpec", "ModelLayout", "ParamSpec", "SafetensorsReader", "SafetensorsWriter",
+           "Unit", "bind", "build_layout", "build_skeleton", "iter_shard_files", "load_layout", "load_resident_model",
+           "own_aligned_storage_"]

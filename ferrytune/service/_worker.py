@@ -103,7 +103,7 @@ class TrainWorker:
             import torch
             import transformers
 
-            from ferrytune.engine._multi_lora import MultiLoraTrainer
+            from ferrytune.engine import MultiLoraTrainer
             from ferrytune.service._policy import pack_microbatches
 
             transformers.utils.logging.disable_progress_bar()

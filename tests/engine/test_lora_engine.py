@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ferrytune.data import pad_id_for
 from ferrytune.engine._lora_trainer import LoraTrainer
-from ferrytune.engine._zo_trainer import pad_positions
+from ferrytune.data import pad_positions
 from ferrytune.launch.train import run
 from ferrytune.lora import peft_key
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for
-from ferrytune.engine._zo_trainer import pad_positions
+from ferrytune.data import pad_positions
 from ferrytune.kernels import PerturbKey, add_perturbation_
 from ferrytune.launch.train import run
 from ferrytune.models import load_resident_model

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from ferrytune.offload import (MOVES, BlockSize, SlotState, SlotView, StreamerError, Tier, build_streamer,
+from ferrytune.offload import (MOVES, BlockSize, SlotState, SlotView, StreamerError, build_streamer,
                                choose_slot, make_plan)
 from ferrytune.offload._ferry import Slot, _move
 
