@@ -159,7 +159,7 @@ class OffloadConfig(_Section):
     nvme_dir: str | None = Field(None, description="directory for the NVMe block store; required when tier is nvme")
     host_budget_gib: float = Field(4.0, gt=0, description="host memory for block buffers, GiB")
     device_budget_gib: float | None = Field(None, gt=0, description="device memory for blocks, GiB; blocks that fit beyond the working set stay resident; null: no limit (resident) / stream every layer (host, nvme)")
-    prefetch_depth: int = Field(2, ge=0, description="blocks fetched ahead of the one computing")
+    prefetch_depth: int = Field(2, ge=1, description="blocks fetched ahead of the one computing (at least 1)")
     io_threads: int = Field(8, gt=0, description="threads issuing NVMe reads and writes")
     verify_checksums: bool = Field(True, description="verify each block record's checksum (xxh3_64, or crc32 without xxhash) on read")
 

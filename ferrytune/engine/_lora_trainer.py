@@ -43,13 +43,6 @@ OPTIM_NAME = "optimizer.pt"
 ADAPTER_DIR = "adapter"
 
 
-def lora_spec(cfg) -> LoraSpec:
-    lc = cfg.lora
-    return LoraSpec(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
-                    rank_pattern=dict(lc.rank_pattern), alpha_pattern=dict(lc.alpha_pattern),
-                    use_rslora=lc.use_rslora)
-
-
 def micro_seed(seed: int, step: int, micro: int) -> int:
     """A 63-bit RNG seed for one micro-batch of one step."""
     digest = hashlib.blake2b(f"{seed}:{step}:{micro}".encode(), digest_size=8).digest()
@@ -67,7 +60,7 @@ class LoraTrainer(StepLoop):
             raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         self._resolve_resume("lora")
-        self.rt = build_runtime(cfg, nvme_subdir=self.nvme_subdir())
+        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir())
         rt = self.rt
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
@@ -78,7 +71,7 @@ class LoraTrainer(StepLoop):
         elif cfg.lora.init_from:
             self.adapter, self.spec = load_peft(cfg.lora.init_from, model)
         else:
-            self.spec = lora_spec(cfg)
+            self.spec = LoraSpec.from_config(cfg.lora)
             self.adapter = Adapter.create(find_targets(model, self.spec), self.spec, seed=cfg.train.seed)
         self.adapter.to(rt.device)
         # Train mode as with PEFT: adapter dropout follows the hooked module's flag (and so does any

@@ -199,9 +199,7 @@ class MultiLoraTrainer:
         if lora.init_from:
             adapter, spec = load_peft(lora.init_from, self.model, device=self.device)
             return adapter, spec
-        spec = LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                        rank_pattern=dict(lora.rank_pattern), alpha_pattern=dict(lora.alpha_pattern),
-                        use_rslora=lora.use_rslora)
+        spec = LoraSpec.from_config(lora)
         targets = find_targets(self.model, spec)
         return Adapter.create(targets, spec, seed=cfg.train.seed, device=self.device), spec
 

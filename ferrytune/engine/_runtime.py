@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ferrytune.config import ModelConfig, OffloadConfig
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.models import OUTER, ModelLayout, load_layout
 from ferrytune.models import SafetensorsReader
@@ -34,48 +35,45 @@ class Runtime:
     store_dtype: torch.dtype
 
 
-def resolve_dtypes(cfg, layout: ModelLayout) -> tuple[torch.dtype, torch.dtype]:
-    compute = _DTYPES[cfg.model.compute_dtype]
-    store = layout.checkpoint_dtype if cfg.model.store_dtype == "auto" else _DTYPES[cfg.model.store_dtype]
+def resolve_dtypes(model: ModelConfig, layout: ModelLayout) -> tuple[torch.dtype, torch.dtype]:
+    """(compute, store) dtypes of ``model``; ``store_dtype: auto`` is the checkpoint's."""
+    compute = _DTYPES[model.compute_dtype]
+    store = layout.checkpoint_dtype if model.store_dtype == "auto" else _DTYPES[model.store_dtype]
     if store not in (torch.float32, torch.bfloat16, torch.float16):
         store = torch.float32
     return compute, store
 
 
-def plan_for(cfg, layout: ModelLayout, *, compute: torch.dtype, store: torch.dtype, device: torch.device,
-             tier: str | None = None) -> Plan:
+def plan_for(off: OffloadConfig, layout: ModelLayout, *, compute: torch.dtype, store: torch.dtype,
+             device: torch.device, tier: str | None = None) -> Plan:
     es, ec = _esize(store), _esize(compute)
     sizes = {b: BlockSize(s.numel * es, s.numel * ec) for b, s in layout.blocks.items()}
-    off = cfg.offload
     return make_plan(
-        sizes, outer_block=OUTER, tier=tier or off.tier, prefetch_depth=max(off.prefetch_depth, 1),
+        sizes, outer_block=OUTER, tier=tier or off.tier, prefetch_depth=off.prefetch_depth,
         device_budget_bytes=None if off.device_budget_gib is None else int(off.device_budget_gib * GIB),
         host_budget_bytes=int(off.host_budget_gib * GIB),
         zero_copy=store == compute and (device.type == "cpu" or (tier or off.tier) == "resident"))
 
 
-def build_base_runtime(model_path: str, offload, *, device: str = "cpu", compute_dtype: str = "float32",
-                       store_dtype: str = "auto") -> Runtime:
+def build_base_runtime(model_path: str, offload: OffloadConfig, *, device: str = "cpu",
+                       compute_dtype: str = "float32", store_dtype: str = "auto") -> Runtime:
     """A streamed read-only base without a full training config (the multi-LoRA workers use it)."""
-    from types import SimpleNamespace
-
-    model = SimpleNamespace(path=model_path, compute_dtype=compute_dtype, store_dtype=store_dtype,
-                            trust_remote_code=False)
-    return build_runtime(SimpleNamespace(model=model, offload=offload, device=device))
+    model = ModelConfig(path=model_path, compute_dtype=compute_dtype, store_dtype=store_dtype)
+    return build_runtime(model, offload, device=device)
 
 
-def build_runtime(cfg, *, nvme_subdir: str | None = None, tier: str | None = None,
-                  store_dtype: torch.dtype | None = None, sliced_over=None) -> Runtime:
-    """Layout + plan + an unopened streamer for ``cfg`` (no weights read yet).
+def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nvme_subdir: str | None = None,
+                  tier: str | None = None, store_dtype: torch.dtype | None = None, sliced_over=None) -> Runtime:
+    """Layout + plan + an unopened streamer for ``model`` placed by ``offload`` (no weights read yet).
 
     ``sliced_over``: a distributed ``Mesh`` whose ranks each keep 1/N of every host/NVMe block
     (``parallel.sliced_loading``); collective when given."""
-    layout = load_layout(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    compute, store = resolve_dtypes(cfg, layout)
+    layout = load_layout(model.path, trust_remote_code=model.trust_remote_code)
+    compute, store = resolve_dtypes(model, layout)
     store = store_dtype or store
-    device = torch.device(cfg.device)
-    plan = plan_for(cfg, layout, compute=compute, store=store, device=device, tier=tier)
-    nvme_dir = cfg.offload.nvme_dir
+    device = torch.device(device)
+    plan = plan_for(offload, layout, compute=compute, store=store, device=device, tier=tier)
+    nvme_dir = offload.nvme_dir
     if nvme_dir and nvme_subdir:
         nvme_dir = str(Path(nvme_dir) / nvme_subdir)
     slicing = None
@@ -85,7 +83,7 @@ def build_runtime(cfg, *, nvme_subdir: str | None = None, tier: str | None = Non
         slicing = sliced_loading(sliced_over, plan)
     streamer = build_streamer(plan, {b: s.numel for b, s in layout.blocks.items()}, device=device,
                               compute_dtype=compute, store_dtype=store, nvme_dir=nvme_dir,
-                              io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
+                              io_threads=offload.io_threads, verify_checksums=offload.verify_checksums,
                               slicing=slicing)
     return Runtime(layout, plan, streamer, device, compute, store)
 

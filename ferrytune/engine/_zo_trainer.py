@@ -88,7 +88,8 @@ class ZOTrainer(StepLoop):
         self._resolve_resume("zo")
         source = self.ckpt if self.ckpt is not None else Path(cfg.model.path)
         sub = self.nvme_subdir()
-        self.rt: Runtime = build_runtime(cfg, nvme_subdir=sub, sliced_over=mesh if cfg.parallel.sliced_loading else None)
+        self.rt: Runtime = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=sub,
+                                         sliced_over=mesh if cfg.parallel.sliced_loading else None)
         rt = self.rt
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         logger.info("plan:\n%s", rt.plan.describe())

@@ -64,7 +64,7 @@ def plan_command(args) -> int:
     from ferrytune.engine import build_runtime
 
     cfg = load_config(args.config, args.overrides)
-    rt = build_runtime(cfg)
+    rt = build_runtime(cfg.model, cfg.offload, device=cfg.device)
     layout = rt.layout
     n = sum(p.numel for p in layout.params)
     print(f"model: {cfg.model.path}  params: {n / 1e6:.1f}M  blocks: {len(layout.blocks)} "

@@ -76,6 +76,13 @@ class LoraSpec:
             _check_regex("lora.alpha_pattern", pattern)
             _check_positive_number(f"lora.alpha_pattern[{pattern!r}]", value)
 
+    @classmethod
+    def from_config(cls, lora) -> "LoraSpec":
+        """The spec of a config's ``lora`` section (``ferrytune.config.LoRAConfig``)."""
+        return cls(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                   rank_pattern=dict(lora.rank_pattern), alpha_pattern=dict(lora.alpha_pattern),
+                   use_rslora=lora.use_rslora)
+
     def rank_alpha_for(self, path: str) -> tuple[int, float]:
         """The (rank, alpha) PEFT would give the module at ``path``."""
         rank = _pattern_value(self.rank_pattern, path, self.rank)

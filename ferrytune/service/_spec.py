@@ -187,9 +187,7 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
         raise SpecError("lora.init_from: not supported by the service (it would read a server path); remove it")
     try:
         cfg = config_from_dict(raw, source="spec", check_device=False)
-        spec = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                        target_modules=cfg.lora.target_modules, rank_pattern=dict(cfg.lora.rank_pattern),
-                        alpha_pattern=dict(cfg.lora.alpha_pattern), use_rslora=cfg.lora.use_rslora)
+        spec = LoraSpec.from_config(cfg.lora)
         targets = find_targets(catalog.meta_model(base), spec)
     except ConfigError as e:
         raise SpecError(str(e).removeprefix("spec: ")) from None

@@ -73,7 +73,47 @@ def _limits_from(args: argparse.Namespace) -> dict[str, int | None]:
             for name, (_, unit, _) in _LIMIT_FLAGS.items()}
 
 
+_POSITIVE_FLAGS = {  # serve flag -> (attribute, smallest value allowed)
+    "--worker-memory-gib": ("worker_memory_gib", 1e-9), "--max-workers": ("max_workers", 1),
+    "--max-jobs-per-worker": ("max_jobs_per_worker", 1), "--token-capacity": ("token_capacity", 1),
+    "--min-slice-s": ("min_slice_s", 0), "--checkpoint-every-steps": ("checkpoint_every_steps", 1),
+    "--worker-cpus": ("worker_cpus", 1e-9), "--base-host-budget-gib": ("base_host_budget_gib", 1e-9),
+    "--auth-max-failures": ("auth_max_failures", 1), "--auth-window-s": ("auth_window_s", 1e-9),
+}
+
+
+def check_serve_args(args: argparse.Namespace) -> dict | None:
+    """Every ``serve`` flag checked before anything starts (one line naming the flag); returns the
+    streamed base's offload settings (None: resident), as each worker will build them."""
+    for flag, (attr, low) in _POSITIVE_FLAGS.items():
+        value = getattr(args, attr)
+        if value is None or value < low:
+            raise ConfigError(f"{flag}: must be {'> 0' if low and low < 1 else f'>= {low}'} (got {value})")
+    if args.ray_cpus is not None and args.ray_cpus < 1:
+        raise ConfigError(f"--ray-cpus: must be >= 1 (got {args.ray_cpus})")
+    for name, (flag, _, _) in _LIMIT_FLAGS.items():
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ConfigError(f"{flag}: must be >= 0 (got {getattr(args, name)})")
+    if args.base_tier == "resident":
+        return None
+    if args.base_tier == "nvme" and not args.base_nvme_dir:
+        raise ConfigError("--base-nvme-dir is required with --base-tier nvme")
+    offload = {"tier": args.base_tier, "nvme_dir": args.base_nvme_dir, "host_budget_gib": args.base_host_budget_gib}
+    from pydantic import ValidationError
+
+    from ferrytune.config import OffloadConfig
+
+    try:
+        OffloadConfig(**offload)  # what each worker builds: a bad value fails here, not in every job
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--base-" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "--base-tier"
+        raise ConfigError(f"{flag}: {err['msg']}") from None
+    return offload
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    base_offload = check_serve_args(args)
     if args.host in ("127.0.0.1", "localhost", "::1") and not args.address:
         # before Ray is imported: keep the embedded Ray on loopback (see _service.LOOPBACK_RAY_ENV)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -89,11 +129,7 @@ def serve_main(args: argparse.Namespace) -> int:
         max_jobs_per_worker=args.max_jobs_per_worker, token_capacity=args.token_capacity,
         min_slice_s=args.min_slice_s, checkpoint_every_steps=args.checkpoint_every_steps,
         worker_num_cpus=args.worker_cpus, base_store_dtype=args.base_store_dtype,
-        tenant_limits=TenantLimits(**_limits_from(args)),
-        base_offload=None if args.base_tier == "resident" else {
-            "tier": args.base_tier, "nvme_dir": args.base_nvme_dir, "host_budget_gib": args.base_host_budget_gib})
-    if args.base_tier == "nvme" and not args.base_nvme_dir:
-        raise ConfigError("--base-nvme-dir is required with --base-tier nvme")
+        tenant_limits=TenantLimits(**_limits_from(args)), base_offload=base_offload)
     config = ServiceConfig(state_dir=args.state_dir, bases=parse_base_args(args.base), host=args.host,
                            port=args.port, db_url=args.db, ray_address=args.address, controller=settings,
                            auth_max_failures=args.auth_max_failures, auth_window_s=args.auth_window_s,

@@ -119,20 +119,21 @@ def test_out_of_order_acquire_is_refused(tmp_path):
 
 def test_resident_tier_with_equal_dtypes_allocates_no_slot_on_any_device():
     """On CUDA too: the masters are the working copies, so the plan has no ring and no outer slot."""
-    from ferrytune.engine._runtime import plan_for
-    from ferrytune.config import OffloadConfig
     from types import SimpleNamespace
-    from ferrytune.models._layout import OUTER
+
+    from ferrytune.config import OffloadConfig
+    from ferrytune.engine._runtime import plan_for
+    from ferrytune.models import OUTER
 
     blocks = {OUTER: SimpleNamespace(numel=300), "layer.0": SimpleNamespace(numel=1000)}
     layout = SimpleNamespace(blocks=blocks)
-    cfg = SimpleNamespace(offload=OffloadConfig(tier="resident"))
+    off = OffloadConfig(tier="resident")
     for dev in ("cpu", "cuda"):
-        plan = plan_for(cfg, layout, compute=torch.float32, store=torch.float32, device=torch.device(dev))
+        plan = plan_for(off, layout, compute=torch.float32, store=torch.float32, device=torch.device(dev))
         assert plan.ring_size == 0 and plan.zero_copy
         assert plan.device_bytes == 1300 * 4  # the masters, nothing more
-    plan = plan_for(cfg, layout, compute=torch.float32, store=torch.bfloat16, device=torch.device("cuda"))
-    assert plan.ring_size == cfg.offload.prefetch_depth + 2 and not plan.zero_copy  # bf16 masters: fp32 working copies
+    plan = plan_for(off, layout, compute=torch.float32, store=torch.bfloat16, device=torch.device("cuda"))
+    assert plan.ring_size == off.prefetch_depth + 2 and not plan.zero_copy  # bf16 masters: fp32 working copies
     s = build_streamer(_plan("resident"), NUMEL, device="cpu", compute_dtype=torch.float32, store_dtype=torch.float32)
     s.open(_init)
     try:
