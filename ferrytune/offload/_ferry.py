@@ -39,7 +39,7 @@ import torch
 
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._copy import Copier
-from ferrytune.offload._home import Home, esize
+from ferrytune.offload._home import Home, esize, read_into, read_master, write_from
 from ferrytune.offload._plan import Plan, Tier
 from ferrytune.offload._pool import HostBufferPool
 
@@ -293,7 +293,7 @@ class BlockStreamer:
         tier = self.plan.home[b]
         copier = self._copier
         copier.after(freed_ev)  # the compute that last read this slot comes first
-        nbytes = self._homes[tier].read_into(b, slot.working[: self.numel[b]], slot.staging, copier)
+        nbytes = read_into(self._homes[tier], b, slot.working[: self.numel[b]], slot.staging, copier)
         ev = copier.loaded()
         copier.settle(ev)  # the transfer itself is timed, and the staging buffer is free again
         slot.loaded_ev = ev
@@ -363,7 +363,7 @@ class BlockStreamer:
         t0 = time.perf_counter()
         tier = self.plan.home[b]
         self._copier.after(freed_ev)
-        nbytes = self._homes[tier].write_from(b, slot.working[: self.numel[b]], slot.staging, self._copier)
+        nbytes = write_from(self._homes[tier], b, slot.working[: self.numel[b]], slot.staging, self._copier)
         self.stats.count_write(tier.value, nbytes, time.perf_counter() - t0)
 
     def finish_pass(self) -> None:
@@ -431,7 +431,7 @@ class BlockStreamer:
     def read_master(self, b: str, out: torch.Tensor) -> None:
         """Copy block ``b``'s master (store dtype) into CPU tensor ``out``; only between passes.
         Collective where the home is sliced: every rank calls it, in the same order."""
-        self._homes[self.plan.home[b]].read_master(b, out, self._scratch_staging(b))
+        read_master(self._homes[self.plan.home[b]], b, out, self._scratch_staging(b))
 
     def serve_master_reads(self, blocks: list[str]) -> None:
         """The other ranks' half of one rank's ``read_master`` calls over ``blocks`` (in that order)."""

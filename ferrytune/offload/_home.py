@@ -1,21 +1,19 @@
 """A *home* is where the master copies of some blocks live; the streamer ferries working copies.
 
-Every home has the same small interface, so the streamer never knows which tier it talks to,
-and a home can be wrapped by another (sliced loading wraps the host and NVMe homes, see
-``ferrytune/parallel/_sliced.py``):
+Every home has the same small interface, so the streamer never knows which tier it talks to, and
+a home can wrap another (sliced loading wraps the host and NVMe homes: ``parallel/_sliced.py``):
 
 * ``fill(b, values, staging)`` — at open: the whole block ``b`` (CPU, store dtype) becomes its master;
-* ``read_into(b, work, staging, copier) -> bytes`` — fill the slot's working copy (device, compute
-  dtype) from the master; returns the bytes this tier delivered;
-* ``write_from(b, work, staging, copier) -> bytes`` — the working copy becomes the new master;
-* ``read_master(b, out, staging)`` — between passes: the master into CPU ``out`` (store dtype);
-* ``close()`` — release what the home holds (files, pinned memory); idempotent.
+* ``source(b, staging)`` — the master as a store-dtype tensor (an NVMe record is read into the
+  slot's ``staging`` buffer; a sliced home all-gathers the slices);
+* ``span(b)`` — the ``(lo, hi)`` elements of the block this home keeps (the whole block, or this
+  rank's slice); ``target(b, staging)`` — where those elements' new bytes go, then ``commit(b, staging)``
+  makes them durable (NVMe: writes the record);
+* ``nbytes(b)`` — bytes the tier moves per read or write of ``b``; ``collective`` — whether ``source``
+  is a collective call; ``host_bytes`` — host memory held; ``close()`` — release it all (idempotent).
 
-``staging`` is the slot's page-aligned host buffer (NVMe records are read into it) or None.
-The three tiers' homes are ``DeviceHome``, ``HostArenaHome`` and ``NvmeHome``; each exposes
-``source(b, staging)`` (its master as a tensor), ``target(b, staging)`` (where new master bytes
-go) and ``commit(b, staging)`` (make them durable), from which the functions below build the
-transfers.
+The streamer does the transfers with these (``read_into``, ``write_from``, ``read_master`` below),
+so the arithmetic of a copy (cast, rounding to the store dtype) is the same for every tier.
 """
 
 from __future__ import annotations
@@ -30,36 +28,47 @@ from ferrytune.offload._plan import Tier
 
 class Home(Protocol):
     tier: Tier
-    collective: bool  # read_into / read_master are collective (every rank calls them in the same order)
-    host_bytes: int  # host memory the home holds (for the memory report)
+    collective: bool
+    host_bytes: int
 
     def fill(self, b: str, values: torch.Tensor, staging: Any) -> None: ...
 
-    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int: ...
+    def source(self, b: str, staging: Any) -> torch.Tensor: ...
 
-    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int: ...
+    def span(self, b: str) -> tuple[int, int]: ...
 
-    def read_master(self, b: str, out: torch.Tensor, staging: Any) -> None: ...
+    def target(self, b: str, staging: Any) -> torch.Tensor: ...
+
+    def commit(self, b: str, staging: Any) -> None: ...
+
+    def nbytes(self, b: str) -> int: ...
 
     def close(self) -> None: ...
 
 
-def read_whole(home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-    """``read_into`` for a home that holds whole blocks."""
-    src = home.source(b, staging)
-    copier.copy_in(work, src)
-    return src.numel() * src.element_size()
+def read_into(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+    """The working copy (device, compute dtype) from the master; returns the tier's bytes."""
+    with copier.loading():  # a gather runs on the copy stream too
+        copier.copy_in(work, home.source(b, staging))
+    return home.nbytes(b)
 
 
-def write_whole(home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-    """``write_from`` for a home that holds whole blocks (rounds to the store dtype in the copy)."""
+def write_from(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+    """The master from the working copy (rounded to the store dtype in the copy); returns the tier's bytes.
+
+    With zero copy an NVMe staging buffer *is* the working buffer: the kept part ``[lo, hi)`` and
+    the destination ``[0, hi - lo)`` are then the same memory (lo = 0) or disjoint (a slice, lo >= hi - lo).
+    """
+    lo, hi = home.span(b)
     dst = home.target(b, staging)
-    copier.copy_out(dst, work)
+    copier.copy_out(dst[: hi - lo], work[lo:hi])
+    dst[hi - lo:].zero_()  # a slice's padding past the block's end stays zero
     home.commit(b, staging)
-    return dst.numel() * dst.element_size()
+    return home.nbytes(b)
 
 
-def read_master_whole(home, b: str, out: torch.Tensor, staging: Any) -> None:
+def read_master(home: Home, b: str, out: torch.Tensor, staging: Any) -> None:
+    """Between passes: the master into CPU ``out`` (store dtype). Collective for a sliced home."""
     out.copy_(home.source(b, staging))
 
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from ferrytune.offload._copy import Copier
-from ferrytune.offload._home import read_master_whole, read_whole, write_whole
+from ferrytune.offload._home import esize
 from ferrytune.offload._plan import Tier
 
 
@@ -19,8 +18,8 @@ class DeviceHome:
 
     def __init__(self, device: torch.device, store_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
         self.device = torch.device(device)
-        self.store_dtype = store_dtype
         self.in_place = store_dtype == compute_dtype
+        self._es = esize(store_dtype)
         self._masters: dict[str, torch.Tensor] = {}
 
     def fill(self, b: str, values: torch.Tensor, staging: Any = None) -> None:
@@ -35,17 +34,14 @@ class DeviceHome:
 
     target = source
 
+    def span(self, b: str) -> tuple[int, int]:
+        return 0, self._masters[b].numel()
+
     def commit(self, b: str, staging: Any = None) -> None:
         pass
 
-    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        return read_whole(self, b, work, staging, copier)  # a cast, on the copy stream
-
-    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        return write_whole(self, b, work, staging, copier)
-
-    def read_master(self, b: str, out: torch.Tensor, staging: Any = None) -> None:
-        read_master_whole(self, b, out, staging)
+    def nbytes(self, b: str) -> int:
+        return self._masters[b].numel() * self._es
 
     def close(self) -> None:
         self._masters.clear()

@@ -1,8 +1,7 @@
 """Masters in host memory: one page-aligned allocation, carved into blocks, allocated once.
 
 On CUDA the allocation is page-locked in place (``cudaHostRegister``) so copies to the device are
-asynchronous DMA; a failed pin is reported (and the run continues pageable), and ``close``
-unregisters it.
+asynchronous DMA; a failed pin is reported (the run continues pageable), and ``close`` unregisters it.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ from typing import Any
 
 import torch
 
-from ferrytune.offload._copy import Copier
-from ferrytune.offload._home import esize, read_master_whole, read_whole, write_whole
+from ferrytune.offload._home import esize
 from ferrytune.offload._io import aligned_buffer, as_uint8_tensor
 from ferrytune.offload._plan import Tier
 
@@ -29,7 +27,8 @@ class HostArenaHome:
     def __init__(self, numel: dict[str, int], store_dtype: torch.dtype, *, pin: bool) -> None:
         """``numel``: elements of each block's home (the whole block, or this rank's slice)."""
         self.store_dtype = store_dtype
-        es = esize(store_dtype)
+        self.numel = dict(numel)
+        self._es = es = esize(store_dtype)
         offsets, total = {}, 0
         for b, n in numel.items():
             offsets[b] = total
@@ -48,17 +47,14 @@ class HostArenaHome:
 
     target = source
 
+    def span(self, b: str) -> tuple[int, int]:
+        return 0, self.numel[b]
+
     def commit(self, b: str, staging: Any = None) -> None:
         pass
 
-    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        return read_whole(self, b, work, staging, copier)
-
-    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        return write_whole(self, b, work, staging, copier)
-
-    def read_master(self, b: str, out: torch.Tensor, staging: Any = None) -> None:
-        read_master_whole(self, b, out, staging)
+    def nbytes(self, b: str) -> int:
+        return self.numel[b] * self._es
 
     def close(self) -> None:
         if self._pinned_ptr is not None:

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from ferrytune.errors import FerrytuneError
-from ferrytune.offload._copy import Copier
-from ferrytune.offload._home import esize, read_master_whole, read_whole, write_whole
+from ferrytune.offload._home import esize
 from ferrytune.offload._io import ThreadedDirectIO
 from ferrytune.offload._plan import Tier
 from ferrytune.offload._store import NvmeBlockStore
@@ -29,14 +28,13 @@ class NvmeHome:
                  io_threads: int = 8, verify: bool = True) -> None:
         if directory is None:
             raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
-        self.directory = Path(directory)
         self.numel = dict(numel)
         self.store_dtype = store_dtype
         self._es = esize(store_dtype)
         self._io = ThreadedDirectIO(num_threads=io_threads)
         try:
-            NvmeBlockStore.remove(self.directory)  # scratch: rebuilt from the checkpoint each run
-            self.store = NvmeBlockStore.create(self.directory, {b: n * self._es for b, n in numel.items()},
+            NvmeBlockStore.remove(directory)  # scratch: rebuilt from the checkpoint each run
+            self.store = NvmeBlockStore.create(directory, {b: n * self._es for b, n in numel.items()},
                                                backend=self._io, verify=verify)
         except BaseException:
             self._io.close()
@@ -48,22 +46,19 @@ class NvmeHome:
 
     def source(self, b: str, staging: Any) -> torch.Tensor:
         self.store.read(b, staging)  # verifies the record's checksum
-        return staging.tensor(self.store_dtype, self.numel[b])
+        return self.target(b, staging)
+
+    def span(self, b: str) -> tuple[int, int]:
+        return 0, self.numel[b]
 
     def target(self, b: str, staging: Any) -> torch.Tensor:
         return staging.tensor(self.store_dtype, self.numel[b])
 
     def commit(self, b: str, staging: Any) -> None:
-        self.store.write(b, staging, self.numel[b] * self._es)
+        self.store.write(b, staging, self.nbytes(b))
 
-    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        return read_whole(self, b, work, staging, copier)
-
-    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        return write_whole(self, b, work, staging, copier)
-
-    def read_master(self, b: str, out: torch.Tensor, staging: Any) -> None:
-        read_master_whole(self, b, out, staging)
+    def nbytes(self, b: str) -> int:
+        return self.numel[b] * self._es
 
     def close(self) -> None:
         if self._io is None:

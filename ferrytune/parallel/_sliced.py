@@ -60,7 +60,7 @@ class SlicedLoading:
 
 
 class SlicedHome:
-    """Whole blocks on top of a home that holds this rank's slice of each; reads are collective."""
+    """Whole blocks on top of a home that holds this rank's slice of each; ``source`` is collective."""
 
     collective = True
 
@@ -70,16 +70,15 @@ class SlicedHome:
         self.host_bytes = inner.host_bytes
         self.numel = dict(numel)
         self.mesh, self.group = slicing.mesh, slicing.group
-        self.store_dtype = inner.store_dtype
         self.cuda = copier.cuda
         n = self.mesh.world_size
         self.slice_numel = {b: slicing.home_numel(k) for b, k in numel.items()}
         # Gather buffers on the compute device (nccl gathers there; on CUDA the own slice is copied up
         # first). One of each suffices: one loader, and read_master runs only between passes.
+        dtype = inner.store_dtype
         max_padded = max(S * n for S in self.slice_numel.values())
-        self._gather = torch.empty(max_padded, dtype=self.store_dtype, device=copier.device)
-        self._own = torch.empty(max_padded // n if self.cuda else 0, dtype=self.store_dtype, device=copier.device)
-        self._es = torch.empty((), dtype=self.store_dtype).element_size()
+        self._gather = torch.empty(max_padded, dtype=dtype, device=copier.device)
+        self._own = torch.empty(max_padded // n if self.cuda else 0, dtype=dtype, device=copier.device)
         self.bytes_gathered = 0  # received from the other ranks (interconnect traffic)
 
     def fill(self, b: str, values: torch.Tensor, staging: Any) -> None:
@@ -87,7 +86,7 @@ class SlicedHome:
         padded[: self.numel[b]] = values
         self.inner.fill(b, padded.view(self.mesh.world_size, -1)[self.mesh.rank], staging)
 
-    def _gathered(self, b: str, staging: Any) -> torch.Tensor:
+    def source(self, b: str, staging: Any) -> torch.Tensor:
         """The whole block (store dtype, on the device): the own slice all-gathered with the others'."""
         S = self.slice_numel[b]
         own = self.inner.source(b, staging)  # S elements (an NVMe record is read into staging)
@@ -95,33 +94,6 @@ class SlicedHome:
             self._own[:S].copy_(own, non_blocking=True)
             own = self._own[:S]
         full = self._gather[: S * self.mesh.world_size]
-        self._all_gather(full, own, what=f"load of {b}")
-        self.bytes_gathered += S * self._es * (self.mesh.world_size - 1)
-        return full[: self.numel[b]]
-
-    def read_into(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        with copier.loading():
-            work.copy_(self._gathered(b, staging), non_blocking=self.cuda)  # cast to the compute dtype
-        return self.slice_numel[b] * self._es
-
-    def write_from(self, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
-        S, n, r = self.slice_numel[b], self.numel[b], self.mesh.rank
-        lo, hi = min(r * S, n), min((r + 1) * S, n)
-        # With zero copy the NVMe staging buffer *is* the working buffer: the own part [lo, hi) and the
-        # destination [0, hi - lo) are either the same memory (rank 0) or disjoint (lo >= S).
-        dst = self.inner.target(b, staging)  # S elements
-        copier.copy_out(dst[: hi - lo], work[lo:hi])
-        dst[hi - lo:].zero_()  # the padding past n stays zero in the home
-        self.inner.commit(b, staging)
-        return S * self._es
-
-    def read_master(self, b: str, out: torch.Tensor, staging: Any) -> None:
-        out.copy_(self._gathered(b, staging))
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def _all_gather(self, full: torch.Tensor, own: torch.Tensor, *, what: str) -> None:
         if full.device.type == "cpu":
             # gloo: move raw bytes, so any store dtype (bf16 included) crosses bit for bit
             full, own = full.view(torch.uint8), own.view(torch.uint8)
@@ -129,8 +101,27 @@ class SlicedHome:
             dist.all_gather_into_tensor(full, own, group=self.group)
         except RuntimeError as e:
             line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DistributedError(f"rank {self.mesh.rank}: all-gather for the {what} failed ({line}); "
+            raise DistributedError(f"rank {self.mesh.rank}: all-gather of {b} failed ({line}); "
                                    "another rank probably died — see its log") from e
+        self.bytes_gathered += self.nbytes(b) * (self.mesh.world_size - 1)
+        return self._gather[: self.numel[b]]
+
+    def span(self, b: str) -> tuple[int, int]:
+        """This rank's part of the block: the write-back writes only it."""
+        S, n, r = self.slice_numel[b], self.numel[b], self.mesh.rank
+        return min(r * S, n), min((r + 1) * S, n)
+
+    def target(self, b: str, staging: Any) -> torch.Tensor:
+        return self.inner.target(b, staging)  # S elements
+
+    def commit(self, b: str, staging: Any) -> None:
+        self.inner.commit(b, staging)
+
+    def nbytes(self, b: str) -> int:
+        return self.inner.nbytes(b)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def sliced_loading(mesh: Mesh, plan: Plan) -> SlicedLoading | None:
