@@ -78,7 +78,8 @@ def build_runtime(cfg, *, nvme_subdir: str | None = None, tier: str | None = Non
         nvme_dir = str(Path(nvme_dir) / nvme_subdir)
     streamer = BlockStreamer(plan, {b: s.numel for b, s in layout.blocks.items()}, device=device,
                              compute_dtype=compute, store_dtype=store, nvme_dir=nvme_dir,
-                             io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums)
+                             io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
+                             io_backend=cfg.offload.io_backend)
     return Runtime(layout, plan, streamer, device, compute, store)
 
 

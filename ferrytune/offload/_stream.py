@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ferrytune.errors import FerrytuneError
-from ferrytune.offload._io import ThreadedDirectIO, aligned_buffer, as_uint8_tensor
+from ferrytune.offload._io import aligned_buffer, as_uint8_tensor, make_io_backend
 from ferrytune.offload._plan import Plan, Tier
 from ferrytune.offload._pool import HostBufferPool
 from ferrytune.offload._store import NvmeBlockStore
@@ -103,7 +103,7 @@ class BlockStreamer:
 
     def __init__(self, plan: Plan, block_numel: dict[str, int], *, device: torch.device,
                  compute_dtype: torch.dtype, store_dtype: torch.dtype, nvme_dir: str | None = None,
-                 io_threads: int = 8, verify_checksums: bool = True) -> None:
+                 io_threads: int = 8, verify_checksums: bool = True, io_backend: str = "threads") -> None:
         self.plan = plan
         self.numel = dict(block_numel)
         self.device = torch.device(device)
@@ -111,6 +111,7 @@ class BlockStreamer:
         self.store_dtype = store_dtype
         self.nvme_dir = Path(nvme_dir) if nvme_dir else None
         self.io_threads = io_threads
+        self.io_backend = io_backend
         self.verify = verify_checksums
         self.stats = StreamStats()
         self._opened = False
@@ -148,7 +149,7 @@ class BlockStreamer:
         if nvme_blocks:
             if self.nvme_dir is None:
                 raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
-            self._io = ThreadedDirectIO(num_threads=self.io_threads)
+            self._io = make_io_backend(self.io_backend, num_threads=self.io_threads)
             records = {b: self._home_numel(b) * esize for b in nvme_blocks}
             if reuse_store and (self.nvme_dir / "store.json").exists():
                 self._store = NvmeBlockStore.open(self.nvme_dir, backend=self._io, verify=self.verify)

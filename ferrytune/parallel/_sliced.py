@@ -241,7 +241,8 @@ def apply_sliced_loading(rt, mesh: Mesh):
     group = new_side_group(mesh)
     sliced = SlicedBlockStreamer(s.plan, s.numel, device=s.device, compute_dtype=s.compute_dtype,
                                  store_dtype=s.store_dtype, nvme_dir=None if s.nvme_dir is None else str(s.nvme_dir),
-                                 io_threads=s.io_threads, verify_checksums=s.verify, mesh=mesh, group=group)
+                                 io_threads=s.io_threads, verify_checksums=s.verify, io_backend=s.io_backend,
+                                 mesh=mesh, group=group)
     logger.info("sliced loading: rank %d holds 1/%d of %d blocks", mesh.rank, mesh.world_size, len(sliced.sliced))
     return dataclasses.replace(rt, streamer=sliced)
 
