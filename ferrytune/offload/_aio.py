@@ -372,6 +372,8 @@ class DeepSpeedAIO:
 
     # -- internals ------------------------------------------------------------------------------
     def _check_fd(self, fd: int) -> None:
+        if self._closed:
+            raise StoreError("IO backend is closed")
         if not is_direct(fd):
             raise StoreError(f"offload.io_backend {self.label} needs O_DIRECT, which the filesystem of "
                              f"/proc/self/fd/{fd} refuses; move offload.nvme_dir or use offload.io_backend: threads")

@@ -293,17 +293,21 @@ def make_io_backend(name: str = "threads", *, num_threads: int = 8) -> IOBackend
     ``deepspeed_aio`` when it loads, else ``threads`` (the reason is logged).
     """
     if name == "threads":
+        logger.info("offload IO backend: threads (%d)", num_threads)
         return ThreadedDirectIO(num_threads=num_threads)
     if name not in IO_BACKENDS:
         raise FerrytuneError(f"offload.io_backend must be one of {', '.join(IO_BACKENDS)}, got {name!r}")
     from ferrytune.offload._aio import DeepSpeedAIO  # imports DeepSpeed only when asked for
     if name == "deepspeed_aio":
-        return DeepSpeedAIO(num_threads=num_threads)
-    try:
-        return DeepSpeedAIO(num_threads=num_threads)
-    except FerrytuneError as exc:
-        logger.info("offload.io_backend auto: using threads (%s)", exc)
-        return ThreadedDirectIO(num_threads=num_threads)
+        backend = DeepSpeedAIO(num_threads=num_threads)
+    else:
+        try:
+            backend = DeepSpeedAIO(num_threads=num_threads)
+        except FerrytuneError as exc:
+            logger.info("offload IO backend: threads (%d); auto did not pick deepspeed_aio: %s", num_threads, exc)
+            return ThreadedDirectIO(num_threads=num_threads)
+    logger.info("offload IO backend: deepspeed_aio (parallelism %d)", num_threads)
+    return backend
 
 
 def _io_error(kind: str, fd: int, offset: int, exc: OSError) -> StoreError:
