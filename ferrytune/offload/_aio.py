@@ -34,6 +34,10 @@ with assertions on, so most of them abort the process):
   here and ``wait`` is called only when it is positive.
 * **destroying a handle with ops pending** asserts: ``close`` drains first.
 
+Not avoidable: the op ignores each libaio request's result, so an EIO or a short
+write (disk full) is silent here; the store's checksum / write counter catches it
+on the next read (``CorruptRecordError``). Keep ``verify_checksums`` on.
+
 Records are read through ``/proc/self/fd/N`` (DeepSpeed opens reads by name),
 so the store's own fds decide which file is read. A filesystem without
 O_DIRECT is refused (the thread backend falls back to buffered IO there).
@@ -216,6 +220,18 @@ class _Op:
     direct: torch.Tensor | None  # the caller's memory as a tensor when the handle manages it (no copy)
     tail: bool  # goes to the parallelism-1 handle
     staging: torch.Tensor | None = None
+    lane: "_Lane | None" = None  # the lane that submitted it (its staging goes back there)
+
+
+@dataclass
+class _Lane:
+    """One dispatcher thread with its own handles (main + parallelism-1 tail) and staging buffers.
+    Two lanes alternate: one submits its batch while the other waits on its own."""
+
+    handles: dict[bool, Any]
+    free: queue.SimpleQueue
+    pending: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+    thread: threading.Thread | None = None
 
 
 class DeepSpeedAIO:
@@ -223,14 +239,15 @@ class DeepSpeedAIO:
 
     ``num_threads`` is the handle's ``intra_op_parallelism`` (threads splitting each op);
     ``queue_depth`` x ``block_size`` is what each of them keeps in flight. ``op_bytes`` is
-    the largest single op and the size of each of ``num_staging`` locked staging buffers.
+    the largest single op and the size of each of ``num_staging`` locked staging buffers per
+    lane; ``lanes`` dispatchers (each its own handles) overlap one batch's wait with the next.
     """
 
     _builder_kind = "async_io"
     label = "deepspeed_aio"
 
     def __init__(self, *, num_threads: int = 8, chunk_bytes: int = 4 << 20, op_bytes: int = 32 << 20,
-                 block_size: int = 1 << 20, queue_depth: int = 32, num_staging: int = 4,
+                 block_size: int = 1 << 20, queue_depth: int = 32, num_staging: int = 2, lanes: int = 2,
                  hash_threads: int | None = None) -> None:
         label = self.label
         if num_threads < 1:
@@ -244,16 +261,15 @@ class DeepSpeedAIO:
                 f"{max(1, chunk_bytes // PAGE_BYTES)}")
         if op_bytes < chunk_bytes or op_bytes % chunk_bytes:
             raise FerrytuneError(f"op_bytes ({op_bytes}) must be a positive multiple of chunk_bytes ({chunk_bytes})")
-        if block_size < PAGE_BYTES or block_size % PAGE_BYTES or queue_depth < 1 or num_staging < 1:
+        if block_size < PAGE_BYTES or block_size % PAGE_BYTES or min(queue_depth, num_staging, lanes) < 1:
             raise FerrytuneError(f"{label}: block_size must be a multiple of {PAGE_BYTES} and queue_depth, "
-                                 f"num_staging >= 1 (got {block_size}, {queue_depth}, {num_staging})")
+                                 f"num_staging, lanes >= 1 (got {block_size}, {queue_depth}, {num_staging}, {lanes})")
         self.num_threads = num_threads
         self.chunk_bytes = chunk_bytes
         self.op_bytes = op_bytes
         self._unit = unit
         self._op = load_aio_op(self._builder_kind)
-        self._handles: dict[bool, Any] = {}
-        self._pending = {False: 0, True: 0}
+        self._lanes: list[_Lane] = []
         self._locked: list[torch.Tensor] = []
         self._closed = False
         self._lock = threading.Lock()
@@ -261,21 +277,23 @@ class DeepSpeedAIO:
         self._bytes = {"read": 0, "write": 0}
         self._count = {"read": 0, "write": 0}
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
-        self._thread: threading.Thread | None = None
+        self._num_staging = num_staging
         try:
-            self._handles[False] = self._new_handle(block_size, queue_depth, num_threads)
-            self._handles[True] = (self._new_handle(block_size, queue_depth, 1) if num_threads > 1
-                                   else self._handles[False])
-            _probe_mlock(op_bytes * num_staging, label)
-            self._num_staging = num_staging
-            for _ in range(num_staging):
-                self._free.put(self._new_locked(op_bytes))
+            for _ in range(lanes):
+                main = self._new_handle(block_size, queue_depth, num_threads)
+                tail = self._new_handle(block_size, queue_depth, 1) if num_threads > 1 else main
+                self._lanes.append(_Lane({False: main, True: tail}, queue.SimpleQueue()))
+            _probe_mlock(op_bytes * num_staging * lanes, label)
+            for lane in self._lanes:
+                for _ in range(num_staging):
+                    lane.free.put(self._new_locked(op_bytes))
             self._pool = ThreadPoolExecutor(hash_threads or max(2, min(num_threads, os.cpu_count() or 1)),
                                             thread_name_prefix="ferrytune-aio-hash")
-            self._thread = threading.Thread(target=self._dispatch, name="ferrytune-aio", daemon=True)
-            self._thread.start()
+            for i, lane in enumerate(self._lanes):
+                lane.thread = threading.Thread(target=self._dispatch, args=(lane,), name=f"ferrytune-aio-{i}",
+                                               daemon=True)
+                lane.thread.start()
         except BaseException:
             self.close()
             raise
@@ -286,7 +304,7 @@ class DeepSpeedAIO:
 
     def _new_locked(self, nbytes: int) -> torch.Tensor:
         """A page-locked uint8 tensor from the handle (never mlock'd mid-run)."""
-        t = self._handles[False].new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
+        t = self._lanes[0].handles[False].new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
         self._locked.append(t)
         return t
 
@@ -307,7 +325,7 @@ class DeepSpeedAIO:
         if view.readonly:
             return None
         t = torch.frombuffer(view, dtype=torch.uint8)
-        return t if self._handles[False].is_pinned(t) else None
+        return t if self._lanes[0].handles[False].is_pinned(t) else None  # one manager per process
 
     # -- public API (IOBackend) -----------------------------------------------------------------
     def read_into(self, fd: int, offset: int, buf: memoryview) -> None:
@@ -347,22 +365,27 @@ class DeepSpeedAIO:
         """Finish the requests in flight, stop the threads, free the locked buffers and handles."""
         with self._lock:
             already, self._closed = self._closed, True
-        if already and self._thread is None:
+        if already and not any(lane.thread for lane in self._lanes):
             return
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        for lane in self._lanes:
+            if lane.thread is not None:
+                self._queue.put(None)  # one sentinel per running lane
+        for lane in self._lanes:
+            if lane.thread is not None:
+                lane.thread.join()
+                lane.thread = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        handle = self._handles.get(False)
-        for t in self._locked:
-            handle.free_cpu_locked_tensor(t)
+        if self._lanes:
+            for t in self._locked:
+                self._lanes[0].handles[False].free_cpu_locked_tensor(t)
         self._locked.clear()
-        while not self._free.empty():
-            self._free.get()
-        self._handles.clear()  # no op is pending: the handles' destructors join their threads cleanly
+        for lane in self._lanes:
+            while not lane.free.empty():
+                lane.free.get()
+            lane.handles.clear()  # no op is pending: the handles' destructors join their threads cleanly
+        self._lanes.clear()
 
     def __enter__(self) -> "DeepSpeedAIO":
         return self
@@ -428,7 +451,7 @@ class DeepSpeedAIO:
             ops.append(_Op(req, fd, offset + whole, whole, view, self._managed(view), tail=True))
         return ops
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, lane: _Lane) -> None:
         """The one thread that talks to the handles: batch, submit, wait, hand off.
 
         A batch never needs more staging buffers than exist, and every staging buffer held
@@ -454,36 +477,39 @@ class DeepSpeedAIO:
                     break
                 batch.append(nxt)
                 need += nxt.direct is None
-            self._run_batch(batch)
+            self._run_batch(lane, batch)
         if carry is not None:
             self._queue.put(carry)
-        # Drain: a request queued after the sentinel (a close race) fails rather than hangs.
+        # Drain: a request queued after the sentinel (a close race) fails rather than hangs; another
+        # lane's sentinel goes back for that lane.
         while True:
             try:
                 op = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if op is not None:
-                self._op_done(op, StoreError("IO backend is closed"))
+            if op is None:
+                self._queue.put(None)
+                break
+            self._op_done(op, StoreError("IO backend is closed"))
 
-    def _run_batch(self, batch: list[_Op]) -> None:
+    def _run_batch(self, lane: _Lane, batch: list[_Op]) -> None:
         submitted: list[_Op] = []
         for op in batch:
             if op.req.error is not None:  # an earlier op or the write's hashing failed: skip the IO
                 self._op_done(op, None)
                 continue
             try:
-                self._start(op)
+                self._start(lane, op)
             except BaseException as exc:
                 self._release(op)
                 self._op_done(op, exc)
                 continue
             submitted.append(op)
         for tail in (False, True):  # never wait() with nothing pending: DeepSpeed asserts there
-            handle = self._handles[tail]
-            if self._pending[tail] == 0 or (tail and handle is self._handles[False]):
+            handle = lane.handles[tail]
+            if lane.pending[tail] == 0 or (tail and handle is lane.handles[False]):
                 continue
-            expected, self._pending[tail] = self._pending[tail], 0
+            expected, lane.pending[tail] = lane.pending[tail], 0
             completed = handle.wait()
             if completed != expected:
                 err = StoreError(f"{self.label}: wait() completed {completed} of {expected} ops")
@@ -497,12 +523,13 @@ class DeepSpeedAIO:
                 self._release(op)
                 self._pool.submit(self._op_done, op, None)
 
-    def _start(self, op: _Op) -> None:
-        handle = self._handles[op.tail]
+    def _start(self, lane: _Lane, op: _Op) -> None:
+        handle = lane.handles[op.tail]
         if op.direct is not None:
             tensor = op.direct
         else:
-            op.staging = self._free.get()  # blocks until a read's post-processing frees one
+            op.staging = lane.free.get()  # blocks until a read's post-processing frees one
+            op.lane = lane
             tensor = op.staging[:op.view.nbytes]
             if op.req.kind == "write":
                 tensor.copy_(torch.frombuffer(op.view, dtype=torch.uint8))
@@ -514,7 +541,7 @@ class DeepSpeedAIO:
             raise StoreError(f"{self.label}: {op.req.kind} of /proc/self/fd/{op.fd} at offset {op.offset} "
                              f"was refused (rc {rc}); see DeepSpeed's message above")
         # The main handle is also the tail handle when the parallelism is 1.
-        self._pending[op.tail and self._handles[True] is not self._handles[False]] += 1
+        lane.pending[op.tail and lane.handles[True] is not lane.handles[False]] += 1
 
     def _finish_read(self, op: _Op) -> None:
         """Pool: copy out of staging, then hash the request's pieces that lie wholly inside this op."""
@@ -539,7 +566,7 @@ class DeepSpeedAIO:
 
     def _release(self, op: _Op) -> None:
         if op.staging is not None:
-            self._free.put(op.staging)
+            op.lane.free.put(op.staging)
             op.staging = None
 
     def _op_done(self, op: _Op, exc: BaseException | None) -> None:
@@ -603,7 +630,7 @@ class DeepSpeedGDS(DeepSpeedAIO):
             if self._closed:
                 raise StoreError("IO backend is closed")
             self._clock[kind].start(time.perf_counter())
-        handle = self._handles[False]
+        handle = self._lanes[0].handles[False]  # cuFile registrations are per process
         handle.pin_device_tensor(flat)
         try:
             outer: Future[list[Any]] = Future()
