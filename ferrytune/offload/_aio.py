@@ -247,7 +247,7 @@ class DeepSpeedAIO:
     label = "deepspeed_aio"
 
     def __init__(self, *, num_threads: int = 8, chunk_bytes: int = 4 << 20, op_bytes: int = 32 << 20,
-                 block_size: int = 1 << 20, queue_depth: int = 32, num_staging: int = 2, lanes: int = 2,
+                 block_size: int = 4 << 20, queue_depth: int = 8, num_staging: int = 2, lanes: int = 2,
                  hash_threads: int | None = None) -> None:
         label = self.label
         if num_threads < 1:
