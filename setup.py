@@ -23,8 +23,10 @@ setup(
         "lora": ["peft>=0.13"],
         "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib", "sqlalchemy>=2.0"],
         "gpu": ["nvidia-ml-py", "triton"],  # NVML telemetry (imports as pynvml) and the CUDA kernels
+        # offload.io_backend: deepspeed_aio (its op is JIT-built: also needs libaio-dev and a C++ compiler)
+        "aio": ["deepspeed", "ninja"],
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
-                 "matplotlib", "sqlalchemy>=2.0", "httpx"],
+                 "matplotlib", "sqlalchemy>=2.0", "httpx", "triton"],  # triton: kernels under TRITON_INTERPRET=1
     },
     entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
 )

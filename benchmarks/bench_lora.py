@@ -26,7 +26,8 @@ Variants (all alive at once, run in turn: one round = each variant for ``--steps
                      since then it is a control that must equal ``ft_resident``.
 
 Per round the raw disk read bandwidth of the same directory is measured with
-``dd iflag=direct`` (the disk-bound limit of a step = NVMe bytes per step / that bandwidth).
+the best of parallel ``fio`` settings (``_common.disk_ceiling``; ``dd iflag=direct`` without fio)
+(the disk-bound limit of a step = NVMe bytes per step / that bandwidth).
 Ratios are taken within a round (speed of ft_x relative to peft, streamed relative to resident:
 >1 = faster); the table gives the median and the min-max over rounds, for wall time and for the
 process's CPU time (``time.process_time``, all threads, IO threads included), which other jobs
@@ -49,6 +50,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import disk_ceiling  # noqa: E402
 
 FT_VARIANTS = {  # name -> (tier, store dtype)
     "ft_resident": ("resident", "float32"),
@@ -104,8 +108,11 @@ def make_bench_data(src: Path, dest: Path, rows: int, *, model: str, seq_len: in
     return dest / "train.jsonl"
 
 
-def dd_read_gbs(path: Path, nbytes: int) -> float | None:
-    """Raw sequential O_DIRECT read of ``path`` with dd (GB/s as dd reports it)."""
+def raw_read_gbs(path: Path, nbytes: int) -> float | None:
+    """The disk's raw O_DIRECT read ceiling on ``path``'s directory: the best of parallel fio settings
+    (_common.disk_ceiling, the limit every disk bound in benchmarks/ uses); dd on ``path`` without fio."""
+    if shutil.which("fio") is not None:
+        return disk_ceiling(path.parent / "fio", nbytes)["fio_read_gbs"]
     count = max(nbytes // (4 << 20), 1)
     try:
         r = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=4M", f"count={count}", "iflag=direct"],
@@ -347,7 +354,7 @@ def main() -> int:
     warm = {v: run_variant(v, args.warmup_steps) for v in variants}
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]  # alternate the order: no variant always goes first
-        rd = {"round": r, "order": order, "dd_read_gbs": dd_read_gbs(raw_file, raw_bytes), "variants": {}}
+        rd = {"round": r, "order": order, "dd_read_gbs": raw_read_gbs(raw_file, raw_bytes), "variants": {}}
         for v in order:
             rd["variants"][v] = run_variant(v, args.steps)
             med = statistics.median(x["step_s"] for x in rd["variants"][v])
@@ -408,7 +415,7 @@ def main() -> int:
               f"{f(s.get('speed_vs_peft_keep1', {}))} | {f(s.get('speed_vs_ft_resident', {}))} | {f(s['cpu_s'])} | "
               f"{f(s.get('cpu_speed_vs_peft', {}))} | {f(s.get('cpu_speed_vs_ft_resident', {}))} | {rb} | "
               f"{f(s.get('stall_s', {}))} | {f(s.get('read_s', {}))} |")
-    print(f"raw O_DIRECT read (dd, per round): {[round(rd['dd_read_gbs'] or 0, 2) for rd in rounds]} GB/s")
+    print(f"raw O_DIRECT read ceiling (fio best setting, else dd; per round): {[round(rd['dd_read_gbs'] or 0, 2) for rd in rounds]} GB/s")
     print(f"max |loss - {variants[0]} loss| over all steps: " + ", ".join(f"{v} {d:.2e}" for v, d in loss_dev.items()))
 
     out = {

@@ -59,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fio_pass, machine, peak_rss_gib, set_threads
+from _common import disk_ceiling, machine, peak_rss_gib, set_threads
 
 from ferrytune.data import demo_data_path
 from ferrytune.engine._multi_lora import MultiLoraTrainer
@@ -309,16 +309,15 @@ def summarize(rounds: list[dict], Ks: list[int], B: int, modes: list[str]) -> di
 
 
 def disk_baseline(directory: Path, size_mib: int) -> dict:
-    """Raw O_DIRECT sequential read GB/s with fio on ``directory`` (file written with fsync first)."""
+    """The disk's raw O_DIRECT ceiling on ``directory`` (best of parallel fio settings, _common.disk_ceiling)."""
     if size_mib <= 0 or shutil.which("fio") is None:
         return {"fio_read_gbs": None, "note": "fio not run" if size_mib <= 0 else "fio not installed"}
-    path = directory / "fio-baseline.bin"
     try:
-        w = fio_pass(path, "write", size_mib << 20)
-        r = fio_pass(path, "read", size_mib << 20)
+        c = disk_ceiling(directory, size_mib << 20)
     finally:
-        path.unlink(missing_ok=True)
-    return {"fio_read_gbs": r["gbs"], "fio_write_gbs": w["gbs"], "size_mib": size_mib}
+        (directory / "fio-baseline.bin").unlink(missing_ok=True)
+    return {"fio_read_gbs": c["fio_read_gbs"], "fio_write_gbs": c["fio_write_gbs"], "size_mib": size_mib,
+            "fio_read_setting": c["fio_read_setting"], "fio_write_setting": c["fio_write_setting"]}
 
 
 def filesystem_of(path: Path) -> str:

@@ -161,6 +161,7 @@ class OffloadConfig(_Section):
     device_budget_gib: float | None = Field(None, gt=0, description="device memory for blocks, GiB; blocks that fit beyond the working set stay resident; null: no limit (resident) / stream every layer (host, nvme)")
     prefetch_depth: int = Field(2, ge=1, description="blocks fetched ahead of the one computing (at least 1)")
     io_threads: int = Field(8, gt=0, description="threads issuing NVMe reads and writes")
+    io_backend: Literal["threads", "deepspeed_aio", "auto"] = Field("threads", description="NVMe IO engine: threads (preadv/pwritev pool), deepspeed_aio (DeepSpeed's libaio handle; io_threads = its parallelism), auto (deepspeed_aio when its op loads, else threads)")
     verify_checksums: bool = Field(True, description="verify each block record's checksum (xxh3_64, or crc32 without xxhash) on read")
 
 

@@ -87,3 +87,15 @@ def cfg_factory(tmp_path):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests skip, saying why, where there is no CUDA device: never faked on CPU."""
+    if torch.cuda.is_available():
+        return
+    why = ("not built with CUDA" if torch.version.cuda is None else "built with CUDA, but no device is visible")
+    skip = pytest.mark.skip(reason=f"needs a CUDA device: torch {torch.__version__} is {why}; "
+                                   "benchmarks/gpu_check.sh runs these on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

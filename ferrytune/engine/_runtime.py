@@ -84,7 +84,7 @@ def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nv
     streamer = build_streamer(plan, {b: s.numel for b, s in layout.blocks.items()}, device=device,
                               compute_dtype=compute, store_dtype=store, nvme_dir=nvme_dir,
                               io_threads=offload.io_threads, verify_checksums=offload.verify_checksums,
-                              slicing=slicing)
+                              io_backend=offload.io_backend, slicing=slicing)
     return Runtime(layout, plan, streamer, device, compute, store)
 
 

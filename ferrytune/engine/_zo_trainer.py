@@ -100,7 +100,8 @@ class ZOTrainer(StepLoop):
                 rt.plan, {b: s.numel for b, s in rt.layout.blocks.items()}, device=rt.device,
                 compute_dtype=torch.float32, store_dtype=torch.float32,
                 nvme_dir=None if not cfg.offload.nvme_dir else str(Path(cfg.offload.nvme_dir) / f"momentum{'-' + sub if sub else ''}"),
-                io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums)
+                io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
+                io_backend=cfg.offload.io_backend)
             mom_file = self.ckpt / "zo_momentum.safetensors" if self.ckpt else None
             self.state_streamer.open(self._momentum_init(mom_file))
         hyper = ZOHyper.from_config(cfg.zo, cfg.train)

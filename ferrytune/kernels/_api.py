@@ -7,7 +7,10 @@ Dispatch by the tensor's device:
   missing or fails to import, the torch reference (``_reference``) runs instead
   and a warning is logged once.
 * CUDA: the Triton kernels of ``_triton`` (same stream, bit for bit); without
-  Triton, the reference runs on the device (slow, correct; warned once).
+  Triton, the reference runs on the device (slow, correct; warned once). A
+  kernel that fails to *compile* (a ``triton.errors.TritonError``, or any error
+  on the first launch of a specialisation) is warned once and the reference
+  runs from then on; an error after a kernel has launched fine is raised.
 * anything else: the reference on that device.
 
 Nothing is imported or compiled until the first call: numba compiles on first
@@ -51,6 +54,7 @@ _cpu_module = None
 _cpu_failed = False
 _triton_module = None
 _triton_failed = False
+_triton_launched: set[tuple] = set()  # specialisations that compiled and launched once
 
 
 def _forget_pool_after_fork() -> None:
@@ -105,6 +109,37 @@ def _load_triton():
         else:
             _triton_module = _triton
     return _triton_module
+
+
+def _triton_or_reference(name: str, t: torch.Tensor, launch: Callable[[], None],
+                         reference: Callable[[], None]) -> None:
+    """Run a Triton launch; if the kernel fails to compile, warn once and run ``reference`` instead.
+
+    Triton compiles on the first launch of each specialisation (kernel, constexprs, and whether
+    the size and the pointer are 16-aligned); an error there is a compile error (``TritonError``,
+    or e.g. a RuntimeError of an MLIR pass). Once a specialisation launched, errors propagate:
+    they are runtime faults, and a reference run would only hide them.
+    """
+    global _triton_failed, _triton_module
+    spec = (name, t.device, t.numel() % 16 == 0, t.data_ptr() % 16 == 0)
+    try:
+        launch()
+    except Exception as exc:  # noqa: BLE001 - classified below
+        try:
+            from triton.errors import TritonError
+        except ImportError:  # pragma: no cover - triton imported fine when the module loaded
+            TritonError = ()  # noqa: N806
+        if not isinstance(exc, TritonError) and (spec in _triton_launched or not isinstance(exc, RuntimeError)
+                                                 or "CUDA error" in str(exc)):
+            raise
+        with _state_lock:
+            _triton_failed, _triton_module = True, None
+        first = (str(exc).strip().splitlines() or [""])[-1][:300]
+        logger.warning("Triton kernel %s failed to compile (%s: %s); CUDA tensors use the slow torch "
+                       "reference from now on", name, type(exc).__name__, first)
+        reference()
+        return
+    _triton_launched.add(spec)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -174,9 +209,20 @@ def _apply(flat: torch.Tensor, key: PerturbKey, code: int, alpha: float, store: 
 
         _run_spans(flat.numel(), work)
     elif flat.device.type == "cuda" and _load_triton() is not None:
-        with torch.cuda.device(flat.device):
-            _triton_module.perturb_(flat, code, words, alpha, store)
-    elif store:
+        triton_module = _triton_module
+
+        def launch() -> None:
+            with torch.cuda.device(flat.device):
+                triton_module.perturb_(flat, code, words, alpha, store)
+
+        _triton_or_reference(f"{dist} {'z' if store else 'add'}", flat, launch,
+                             lambda: _reference_apply(flat, key, dist, alpha, store))
+    else:
+        _reference_apply(flat, key, dist, alpha, store)
+
+
+def _reference_apply(flat: torch.Tensor, key: PerturbKey, dist: str, alpha: float, store: bool) -> None:
+    if store:
         flat.copy_(_reference.perturbation_span(key, 0, flat.numel(), dist=dist, device=flat.device))
     else:
         _reference.add_perturbation_(flat, key, alpha=alpha, dist=dist)
@@ -256,7 +302,13 @@ def stochastic_round_(src: torch.Tensor, dst: torch.Tensor, key: PerturbKey) -> 
 
         _run_spans(src.numel(), work)
     elif src.device.type == "cuda" and _load_triton() is not None:
-        with torch.cuda.device(src.device):
-            _triton_module.round_(src_flat, dst_flat, S.key_words(key, S.TAG_ROUND))
+        triton_module = _triton_module
+
+        def launch() -> None:
+            with torch.cuda.device(src.device):
+                triton_module.round_(src_flat, dst_flat, S.key_words(key, S.TAG_ROUND))
+
+        _triton_or_reference("stochastic round", src_flat, launch,
+                             lambda: _reference.stochastic_round_(src_flat, dst_flat, key))
     else:
         _reference.stochastic_round_(src_flat, dst_flat, key)

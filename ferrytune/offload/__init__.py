@@ -7,8 +7,9 @@
 * ``BlockStreamer`` (``_ferry.py``) ferries working copies through device slots: slots, threads
   and events only, one checked slot machine (``MOVES``), slot reuse by a pure ``choose_slot``;
 * ``Copier`` (``_copy.py``) moves every byte between host and device (streams and events on CUDA);
-* ``ThreadedDirectIO`` (``_io.py``) is the IO backend, ``HostBufferPool`` (``_pool.py``) the fixed
-  staging buffers.
+* ``make_io_backend`` (``_io.py``): the IO backend of the NVMe home, ``ThreadedDirectIO`` (a thread
+  pool of ``preadv``/``pwritev``) or DeepSpeed's libaio handle (``_aio.py``); ``HostBufferPool``
+  (``_pool.py``) the fixed staging buffers.
 """
 
 from ferrytune.offload._build import Slicing, build_streamer
@@ -18,16 +19,16 @@ from ferrytune.offload._home import Home
 from ferrytune.offload._home_device import DeviceHome
 from ferrytune.offload._home_host import HostArenaHome
 from ferrytune.offload._home_nvme import NvmeHome
-from ferrytune.offload._io import (PAGE_BYTES, IOBackend, IOStats, ThreadedDirectIO, aligned_buffer,
-                                   as_uint8_tensor, default_checksum, is_direct, open_direct)
+from ferrytune.offload._io import (IO_BACKENDS, PAGE_BYTES, IOBackend, IOStats, ThreadedDirectIO, aligned_buffer,
+                                   as_uint8_tensor, default_checksum, is_direct, make_io_backend, open_direct)
 from ferrytune.offload._plan import GIB, BlockSize, Plan, Tier, make_plan
 from ferrytune.offload._pool import HostBuffer, HostBufferPool, PoolError, PoolStats
 from ferrytune.offload._store import NvmeBlockStore, RecordInfo
 
 __all__ = [
-    "GIB", "MOVES", "PAGE_BYTES", "BlockSize", "BlockStreamer", "Copier", "DeviceHome", "Home", "HostArenaHome",
+    "GIB", "IO_BACKENDS", "MOVES", "PAGE_BYTES", "BlockSize", "BlockStreamer", "Copier", "DeviceHome", "Home", "HostArenaHome",
     "HostBuffer", "HostBufferPool", "IOBackend", "IOStats", "NvmeBlockStore", "NvmeHome", "Plan", "PoolError",
     "PoolStats", "RecordInfo", "Slicing", "SlotState", "SlotView", "StreamStats", "StreamerError",
     "ThreadedDirectIO", "Tier", "aligned_buffer", "as_uint8_tensor", "build_streamer", "choose_slot",
-    "default_checksum", "is_direct", "make_plan", "open_direct",
+    "default_checksum", "is_direct", "make_io_backend", "make_plan", "open_direct",
 ]

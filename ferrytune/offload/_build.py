@@ -30,7 +30,7 @@ class Slicing(Protocol):
 
 def build_streamer(plan: Plan, block_numel: dict[str, int], *, device: torch.device | str,
                    compute_dtype: torch.dtype, store_dtype: torch.dtype, nvme_dir: str | Path | None = None,
-                   io_threads: int = 8, verify_checksums: bool = True,
+                   io_threads: int = 8, verify_checksums: bool = True, io_backend: str = "threads",
                    slicing: Slicing | None = None) -> BlockStreamer:
     """An unopened streamer for ``plan``: device masters on the device, host masters in one arena,
     NVMe masters in a block store in ``nvme_dir``; ``slicing`` wraps the host and NVMe homes."""
@@ -50,7 +50,8 @@ def build_streamer(plan: Plan, block_numel: dict[str, int], *, device: torch.dev
                 if tier == Tier.HOST:
                     inner = HostArenaHome(part, store_dtype, pin=copier.cuda)
                 else:
-                    inner = NvmeHome(nvme_dir, part, store_dtype, io_threads=io_threads, verify=verify_checksums)
+                    inner = NvmeHome(nvme_dir, part, store_dtype, io_threads=io_threads, verify=verify_checksums,
+                                     io_backend=io_backend)
                 homes[tier] = inner
                 if slicing:
                     homes[tier] = slicing.wrap(inner, whole, copier)

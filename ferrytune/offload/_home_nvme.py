@@ -14,7 +14,7 @@ import torch
 
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._home import esize
-from ferrytune.offload._io import ThreadedDirectIO
+from ferrytune.offload._io import make_io_backend
 from ferrytune.offload._plan import Tier
 from ferrytune.offload._store import NvmeBlockStore
 
@@ -25,13 +25,13 @@ class NvmeHome:
     host_bytes = 0  # the staging buffers belong to the streamer's slots
 
     def __init__(self, directory: str | Path | None, numel: dict[str, int], store_dtype: torch.dtype, *,
-                 io_threads: int = 8, verify: bool = True) -> None:
+                 io_threads: int = 8, verify: bool = True, io_backend: str = "threads") -> None:
         if directory is None:
             raise FerrytuneError("offload.nvme_dir must be set when offload.tier is nvme")
         self.numel = dict(numel)
         self.store_dtype = store_dtype
         self._es = esize(store_dtype)
-        self._io = ThreadedDirectIO(num_threads=io_threads)
+        self._io = make_io_backend(io_backend, num_threads=io_threads)
         try:
             NvmeBlockStore.remove(directory)  # scratch: rebuilt from the checkpoint each run
             self.store = NvmeBlockStore.create(directory, {b: n * self._es for b, n in numel.items()},

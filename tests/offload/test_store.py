@@ -17,6 +17,8 @@ from ferrytune.offload._io import PAGE_BYTES, ThreadedDirectIO, aligned_buffer, 
 from ferrytune.offload._pool import HostBufferPool
 from ferrytune.offload._store import GRANULE_BYTES, NvmeBlockStore
 
+from aio_testlib import require_deepspeed_aio
+
 SIZES = {"outer": 70_001, "layers.0": 3 * (1 << 20) + 5, "layers.1": 1, "layers.2": 12_288, "layers.3": 4095}
 
 
@@ -31,9 +33,17 @@ def _filled(nbytes: int, seed: int):
     return buf
 
 
-@pytest.fixture
-def backend():
-    io = ThreadedDirectIO(num_threads=4, chunk_bytes=256 << 10)
+@pytest.fixture(params=["threads", "deepspeed_aio"])
+def backend(request):
+    """Every store test runs on both IO backends. DeepSpeed's ops are cut at 1 MiB so that
+    records span several ops and a tail (the parallelism-1 handle) and pieces straddle them."""
+    if request.param == "threads":
+        io = ThreadedDirectIO(num_threads=4, chunk_bytes=256 << 10)
+    else:
+        require_deepspeed_aio()
+        from ferrytune.offload._aio import DeepSpeedAIO
+
+        io = DeepSpeedAIO(num_threads=4, chunk_bytes=256 << 10, op_bytes=1 << 20)
     yield io
     io.close()
 
@@ -234,6 +244,8 @@ def test_many_concurrent_async_reads_and_writes(tmp_path):
 
 
 def test_conflicting_io_on_one_record_is_refused(tmp_path, backend, monkeypatch):
+    if not isinstance(backend, ThreadedDirectIO):
+        pytest.skip("holds a write by patching os.pwritev, which only the threads backend calls")
     gate = threading.Event()
     real = os.pwritev
     monkeypatch.setattr(os, "pwritev", lambda *a: gate.wait(30) and real(*a))  # hold the first write

@@ -60,6 +60,7 @@ shutdown(mesh)
 """
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for an nccl group of 2")
 def test_nccl_collectives_on_cpu_tables(tmp_path):
     import subprocess
