@@ -7,7 +7,7 @@
 * ``BlockStreamer`` (``_ferry.py``) ferries working copies through device slots: slots, threads
   and events only, one checked slot machine (``MOVES``), slot reuse by a pure ``choose_slot``;
 * ``Copier`` (``_copy.py``) moves every byte between host and device (streams and events on CUDA);
-* ``make_io_backend`` (``_io.py``): the IO backend of the NVMe home, ``ThreadedDirectIO`` (a thread
+* ``make_io_backend`` (``_backends.py``): the IO backend of the NVMe home, ``ThreadedDirectIO`` (a thread
   pool of ``preadv``/``pwritev``) or DeepSpeed's libaio handle (``_aio.py``); ``HostBufferPool``
   (``_pool.py``) the fixed staging buffers.
 """
@@ -19,8 +19,9 @@ from ferrytune.offload._home import Home
 from ferrytune.offload._home_device import DeviceHome
 from ferrytune.offload._home_host import HostArenaHome
 from ferrytune.offload._home_nvme import NvmeHome
-from ferrytune.offload._io import (IO_BACKENDS, PAGE_BYTES, IOBackend, IOStats, ThreadedDirectIO, aligned_buffer,
-                                   as_uint8_tensor, default_checksum, is_direct, make_io_backend, open_direct)
+from ferrytune.offload._backends import IO_BACKENDS, make_io_backend
+from ferrytune.offload._io import (PAGE_BYTES, IOBackend, IOStats, ThreadedDirectIO, aligned_buffer, as_uint8_tensor,
+                                   default_checksum, is_direct, open_direct)
 from ferrytune.offload._plan import GIB, BlockSize, Plan, Tier, make_plan
 from ferrytune.offload._pool import HostBuffer, HostBufferPool, PoolError, PoolStats
 from ferrytune.offload._store import NvmeBlockStore, RecordInfo

@@ -14,7 +14,7 @@ import torch
 
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._home import esize
-from ferrytune.offload._io import make_io_backend
+from ferrytune.offload._backends import make_io_backend
 from ferrytune.offload._plan import Tier
 from ferrytune.offload._store import NvmeBlockStore
 

@@ -7,7 +7,7 @@ crash or need Python >= 3.12; DeepSpeed's aio op needs a JIT build (minutes)
 and aborts the process on misaligned sizes. Here a misaligned request raises
 :class:`StoreError`. DeepSpeed's libaio handle is the opt-in alternative
 (``offload.io_backend: deepspeed_aio``, ``_aio.py``, which guards its traps);
-:func:`make_io_backend` builds either by name.
+:func:`ferrytune.offload.make_io_backend` (``_backends.py``) builds either by name.
 
 Every request is cut into ``chunk_bytes`` pieces issued in parallel. A caller may
 pass ``chunk_fn``, run in the IO thread on each piece (after a read, before a
@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from ferrytune.errors import FerrytuneError, StoreError
+from ferrytune.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -279,35 +279,6 @@ class ThreadedDirectIO:
         return outer
 
 
-IO_BACKENDS = ("threads", "deepspeed_aio", "auto")
-"""Values of ``offload.io_backend``."""
-
-
-def make_io_backend(name: str = "threads", *, num_threads: int = 8) -> IOBackend:
-    """The IO backend ``offload.io_backend`` names, with ``num_threads`` = ``offload.io_threads``.
-
-    ``threads``: :class:`ThreadedDirectIO`. ``deepspeed_aio``: DeepSpeed's libaio handle
-    (``ferrytune.offload._aio.DeepSpeedAIO``; its op is JIT-built on first use, minutes, then
-    cached in ``TORCH_EXTENSIONS_DIR``); raises :class:`~ferrytune.errors.FerrytuneError`
-    (one line naming the missing piece) when it cannot be built or loaded. ``auto``:
-    ``deepspeed_aio`` when it loads, else ``threads`` (the reason is logged).
-    """
-    if name == "threads":
-        logger.info("offload IO backend: threads (%d)", num_threads)
-        return ThreadedDirectIO(num_threads=num_threads)
-    if name not in IO_BACKENDS:
-        raise FerrytuneError(f"offload.io_backend must be one of {', '.join(IO_BACKENDS)}, got {name!r}")
-    from ferrytune.offload._aio import DeepSpeedAIO  # imports DeepSpeed only when asked for
-    if name == "deepspeed_aio":
-        backend = DeepSpeedAIO(num_threads=num_threads)
-    else:
-        try:
-            backend = DeepSpeedAIO(num_threads=num_threads)
-        except FerrytuneError as exc:
-            logger.info("offload IO backend: threads (%d); auto did not pick deepspeed_aio: %s", num_threads, exc)
-            return ThreadedDirectIO(num_threads=num_threads)
-    logger.info("offload IO backend: deepspeed_aio (parallelism %d)", num_threads)
-    return backend
 
 
 def _io_error(kind: str, fd: int, offset: int, exc: OSError) -> StoreError:
@@ -426,8 +397,8 @@ def as_byte_view(buf: Any) -> memoryview:
 
 
 __all__: Sequence[str] = (
-    "CHECKSUM_CRC32", "CHECKSUM_NAMES", "CHECKSUM_NONE", "CHECKSUM_XXH3", "GRANULE_BYTES", "IO_BACKENDS",
-    "PAGE_BYTES", "IOBackend", "IOStats", "ThreadedDirectIO", "make_io_backend", "aligned_buffer", "as_byte_view", "as_uint8_tensor",
+    "CHECKSUM_CRC32", "CHECKSUM_NAMES", "CHECKSUM_NONE", "CHECKSUM_XXH3", "GRANULE_BYTES",
+    "PAGE_BYTES", "IOBackend", "IOStats", "ThreadedDirectIO", "aligned_buffer", "as_byte_view", "as_uint8_tensor",
     "check_aligned", "default_checksum", "granule_digests", "hash_fn", "is_direct", "open_direct",
     "record_checksum", "round_up",
 )
