@@ -72,10 +72,17 @@ log "installed: $(python -c 'import torch, triton; print("torch", torch.__versio
 METRICS=$(mktemp -d)
 JUNIT=$METRICS/junit.xml
 export FERRYTUNE_GPU_METRICS=$METRICS OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false
+# deterministic cuBLAS: the tier tests compare streamed and resident runs bit for bit
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
 PYTHONUNBUFFERED=1 timeout "$LIMIT_S" python -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$JUNIT" tests
 rc=$?
 log "pytest -m cuda exited $rc"
+if (( $(date +%s) - start < 360 )); then  # the three short ratios, if the budget leaves room (~2 min)
+    timeout 150 python benchmarks/gpu_ratios.py --scratch "$METRICS/ratios-scratch" --out "$METRICS/ratios.json" \
+        || log "gpu_ratios did not finish"
+    rm -rf "$METRICS/ratios-scratch"
+fi
 
 mkdir -p "$(dirname "$OUT_JSON")"
 python - "$JUNIT" "$METRICS" "$OUT_JSON" "$rc" "$(( $(date +%s) - start ))" <<'EOF'

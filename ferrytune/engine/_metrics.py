@@ -38,15 +38,39 @@ def device_metrics(device) -> dict:
         return {}
     out = {"device_mem_gib": round(torch.cuda.memory_allocated(device) / 2**30, 4),
            "device_peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 4)}
-    try:
-        import pynvml
+    handle = nvml_handle(device)
+    if handle is not None:
+        try:
+            import pynvml
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        out["gpu_util_pct"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-    except Exception:  # telemetry is best effort: a missing NVML never stops training
-        pass
+            out["gpu_util_pct"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except Exception:  # telemetry is best effort: NVML never stops training
+            pass
     return out
+
+
+_NVML: dict = {}
+
+
+def nvml_handle(device):
+    """NVML's handle of the GPU ``device`` is, found by UUID: NVML numbers all GPUs of the machine,
+    torch only the visible ones (``CUDA_VISIBLE_DEVICES``), so an index would name another GPU.
+    NVML is initialised once per process. None without ``nvidia-ml-py`` or NVML."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NVML:
+        try:
+            import pynvml
+
+            if not _NVML:
+                pynvml.nvmlInit()
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            _NVML[index] = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+        except Exception as e:  # noqa: BLE001 - no NVML library, an old driver, ...
+            logger.debug("no NVML handle for cuda:%d (%s); gpu_util_pct is not reported", index, e)
+            _NVML[index] = None
+    return _NVML[index]
 
 
 def stream_delta(before: dict, after: dict) -> dict:
