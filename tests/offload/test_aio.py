@@ -198,7 +198,7 @@ def _losses(cfg) -> list[float]:
 def test_zo_tiers_equal_resident_on_each_backend(tiny_models, cfg_factory, caplog, io_backend):
     if io_backend == "deepspeed_aio":
         require_deepspeed_aio()
-    caplog.set_level(logging.INFO, logger="ferrytune.offload._io")
+    caplog.set_level(logging.INFO, logger="ferrytune.offload._backends")
     path = tiny_models("llama", layers=3, hidden=32)
     results = {}
     for tier in ("resident", "host", "nvme"):
@@ -221,7 +221,7 @@ def test_zo_tiers_equal_resident_on_each_backend(tiny_models, cfg_factory, caplo
 def test_lora_tiers_equal_resident_on_each_backend(tiny_models, cfg_factory, caplog, io_backend):
     if io_backend == "deepspeed_aio":
         require_deepspeed_aio()
-    caplog.set_level(logging.INFO, logger="ferrytune.offload._io")
+    caplog.set_level(logging.INFO, logger="ferrytune.offload._backends")
     path = tiny_models("llama", layers=3, hidden=32)
     lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}
     out = {}
