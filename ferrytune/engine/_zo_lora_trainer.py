@@ -47,7 +47,7 @@ class ZOLoraTrainer(LoraTrainer):
         self.stream_adapters = [Adapter(self.adapter.targets, self.spec, device=self.rt.device)
                                 for _ in self.streams]
         self.router = Router()
-        self.stream_handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)
+        self.handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)  # LoraTrainer.close removes it
         self.momentum = None
         if self.cfg.zo.momentum > 0:
             self.momentum = [torch.zeros_like(p) for p in self.theta]
@@ -127,25 +127,18 @@ class ZOLoraTrainer(LoraTrainer):
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:
-        self.stream_handle.remove()
+        self.handle.remove()
         handle = self._eval_handle()
         try:
             return super().evaluate(prefix=prefix)
         finally:
             handle.remove()
             self.rt.layout.model.eval()
-            self.stream_handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)
+            self.handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)
 
     def _save_optimizer(self, folder: Path) -> None:
         if self.momentum is not None:
             torch.save(self.momentum, folder / MOMENTUM_NAME)
-
-    def close(self) -> None:
-        try:
-            self.stream_handle.remove()
-            self.engine.close()
-        finally:
-            self.close_streamer(self.rt.streamer)
 
 
 def _params(adapter: Adapter) -> list[torch.nn.Parameter]:

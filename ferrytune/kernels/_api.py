@@ -32,14 +32,6 @@ from ferrytune.kernels import _reference
 from ferrytune.kernels import _stream as S
 from ferrytune.kernels._stream import PerturbKey
 
-__all__ = [
-    "add_perturbation_",
-    "cpu_backend",
-    "get_num_threads",
-    "perturbation",
-    "set_num_threads",
-    "stochastic_round_",
-]
 
 logger = logging.getLogger(__name__)
 

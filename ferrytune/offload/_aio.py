@@ -67,7 +67,8 @@ from typing import Any
 import torch
 
 from ferrytune.errors import FerrytuneError, StoreError
-from ferrytune.offload._io import PAGE_BYTES, ChunkFn, IOStats, _BusyClock, as_byte_view, check_aligned, is_direct
+from ferrytune.offload._io import (PAGE_BYTES, ChunkFn, IOBackend, IOStats, _BusyClock, as_byte_view, check_aligned,
+                                   is_direct)
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class _Lane:
     thread: threading.Thread | None = None
 
 
-class DeepSpeedAIO:
+class DeepSpeedAIO(IOBackend):
     """:class:`IOBackend` on DeepSpeed's ``aio_handle`` (libaio, O_DIRECT).
 
     ``num_threads`` is the handle's ``intra_op_parallelism`` (threads splitting each op);
@@ -327,13 +328,7 @@ class DeepSpeedAIO:
         t = torch.frombuffer(view, dtype=torch.uint8)
         return t if self._lanes[0].handles[False].is_pinned(t) else None  # one manager per process
 
-    # -- public API (IOBackend) -----------------------------------------------------------------
-    def read_into(self, fd: int, offset: int, buf: memoryview) -> None:
-        self.submit_read(fd, offset, buf).result()
-
-    def write_from(self, fd: int, offset: int, buf: memoryview) -> None:
-        self.submit_write(fd, offset, buf).result()
-
+    # -- public API (IOBackend; read_into / write_from are its, over these) ----------------------
     def submit_read(self, fd: int, offset: int, buf: memoryview, *,
                     chunk_fn: ChunkFn | None = None) -> Future[list[Any]]:
         """Start a read; the future yields ``chunk_fn``'s results in chunk order."""
@@ -358,8 +353,7 @@ class DeepSpeedAIO:
     @property
     def stats(self) -> IOStats:
         with self._lock:
-            return IOStats(self._bytes["read"], self._bytes["write"], self._clock["read"].total_s,
-                           self._clock["write"].total_s, self._count["read"], self._count["write"])
+            return IOStats.of(self._bytes, self._clock, self._count)
 
     def close(self) -> None:
         """Finish the requests in flight, stop the threads, free the locked buffers and handles."""

@@ -139,6 +139,12 @@ class IOStats:
     num_reads: int = 0
     num_writes: int = 0
 
+    @classmethod
+    def of(cls, nbytes: dict[str, int], clock: dict[str, Any], count: dict[str, int]) -> "IOStats":
+        """From a backend's per-kind (``"read"``, ``"write"``) bytes, busy clocks and request counts."""
+        return cls(nbytes["read"], nbytes["write"], clock["read"].total_s, clock["write"].total_s,
+                   count["read"], count["write"])
+
 
 class IOBackend(Protocol):
     """What the block store needs from an IO engine. All offsets, lengths and
@@ -148,8 +154,14 @@ class IOBackend(Protocol):
 
     chunk_bytes: int
 
-    def read_into(self, fd: int, offset: int, buf: memoryview) -> None: ...
-    def write_from(self, fd: int, offset: int, buf: memoryview) -> None: ...
+    def read_into(self, fd: int, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``fd`` at ``offset``; blocks until done."""
+        self.submit_read(fd, offset, buf).result()
+
+    def write_from(self, fd: int, offset: int, buf: memoryview) -> None:
+        """Write ``buf`` to ``fd`` at ``offset``; blocks until done (no fsync)."""
+        self.submit_write(fd, offset, buf).result()
+
     def submit_read(self, fd: int, offset: int, buf: memoryview, *,
                     chunk_fn: ChunkFn | None = None) -> Future[list[Any]]: ...
     def submit_write(self, fd: int, offset: int, buf: memoryview, *,
@@ -178,7 +190,7 @@ class _BusyClock:
             self.total_s += now - self.since
 
 
-class ThreadedDirectIO:
+class ThreadedDirectIO(IOBackend):
     """Default :class:`IOBackend`: ``os.preadv``/``os.pwritev`` from a thread pool.
 
     ``num_threads`` bounds the requests the disk sees at once (the queue depth);
@@ -198,15 +210,7 @@ class ThreadedDirectIO:
         self._bytes = {"read": 0, "write": 0}
         self._count = {"read": 0, "write": 0}
 
-    # -- public API ---------------------------------------------------------------------------
-    def read_into(self, fd: int, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``fd`` at ``offset``; blocks until done."""
-        self.submit_read(fd, offset, buf).result()
-
-    def write_from(self, fd: int, offset: int, buf: memoryview) -> None:
-        """Write ``buf`` to ``fd`` at ``offset``; blocks until done (no fsync)."""
-        self.submit_write(fd, offset, buf).result()
-
+    # -- public API (read_into / write_from: IOBackend's, over these) -----------------------------
     def submit_read(self, fd: int, offset: int, buf: memoryview, *,
                     chunk_fn: ChunkFn | None = None) -> Future[list[Any]]:
         """Start a read; the future yields ``chunk_fn``'s results in chunk order."""
@@ -220,8 +224,7 @@ class ThreadedDirectIO:
     @property
     def stats(self) -> IOStats:
         with self._lock:
-            return IOStats(self._bytes["read"], self._bytes["write"], self._clock["read"].total_s,
-                           self._clock["write"].total_s, self._count["read"], self._count["write"])
+            return IOStats.of(self._bytes, self._clock, self._count)
 
     def close(self) -> None:
         """Wait for requests in flight, then stop the threads."""

@@ -74,7 +74,7 @@ def _limits_from(args: argparse.Namespace) -> dict[str, int | None]:
 
 
 _POSITIVE_FLAGS = {  # serve flag -> (attribute, smallest value allowed)
-    "--worker-memory-gib": ("worker_memory_gib", 1e-9), "--max-workers": ("max_workers", 1),
+    "--worker-memory-gib": ("worker_memory_gib", 1e-9), "--max-workers": ("max_workers", 0),  # 0: accept and queue, train nowhere
     "--max-jobs-per-worker": ("max_jobs_per_worker", 1), "--token-capacity": ("token_capacity", 1),
     "--min-slice-s": ("min_slice_s", 0), "--checkpoint-every-steps": ("checkpoint_every_steps", 1),
     "--worker-cpus": ("worker_cpus", 1e-9), "--base-host-budget-gib": ("base_host_budget_gib", 1e-9),
