@@ -74,16 +74,21 @@ class LoraTrainer(StepLoop):
             self.spec = LoraSpec.from_config(cfg.lora)
             self.adapter = Adapter.create(find_targets(model, self.spec), self.spec, seed=cfg.train.seed)
         self.adapter.to(rt.device)
+        self.params = [p for p in self.adapter.parameters()]
+        self._setup_training()
+        self._setup_data()
+
+    def _setup_training(self) -> None:
+        """The hooks and optimizer of backprop LoRA (``ZOLoraTrainer`` sets up its own instead)."""
+        cfg, model = self.cfg, self.rt.layout.model
         # Train mode as with PEFT: adapter dropout follows the hooked module's flag (and so does any
         # dropout the base architecture has); evaluation switches to eval mode.
         model.train()
         self.handle = attach(model, [self.adapter])
-        self.params = [p for p in self.adapter.parameters()]
         self.optim = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                        foreach=False)
         if self.ckpt is not None and (self.ckpt / OPTIM_NAME).exists():
-            self.optim.load_state_dict(torch.load(self.ckpt / OPTIM_NAME, map_location=rt.device))
-        self._setup_data()
+            self.optim.load_state_dict(torch.load(self.ckpt / OPTIM_NAME, map_location=self.rt.device))
 
     # ----------------------------------------------------------------- step
     def train_step(self, step: int) -> StepResult:

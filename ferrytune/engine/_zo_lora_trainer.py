@@ -34,12 +34,12 @@ MOMENTUM_NAME = "zo_momentum.pt"
 
 
 class ZOLoraTrainer(LoraTrainer):
-    """Shares set-up, evaluation and checkpoints with :class:`LoraTrainer`; replaces the step."""
+    """Shares the runtime, adapter, evaluation and checkpoints with :class:`LoraTrainer`; its own
+    training state (stream adapters and their hooks, momentum; no AdamW) and step."""
 
-    def setup(self) -> None:
-        super().setup()
+    def _setup_training(self) -> None:
         self.rt.layout.model.eval()  # ZO runs without dropout, like MeZO
-        self.handle.remove()  # the trained adapter is not run directly: stream copies are
+        # The trained adapter is not run directly: per-stream copies of it are, perturbed.
         self.theta = [p for path in self.adapter.paths for p in (self.adapter.a(path), self.adapter.b(path))]
         for p in self.theta:
             p.requires_grad_(False)
@@ -47,7 +47,7 @@ class ZOLoraTrainer(LoraTrainer):
         self.stream_adapters = [Adapter(self.adapter.targets, self.spec, device=self.rt.device)
                                 for _ in self.streams]
         self.router = Router()
-        self.handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)  # LoraTrainer.close removes it
+        self.handle = attach(self.rt.layout.model, self.stream_adapters, router=self.router)  # close() removes it
         self.momentum = None
         if self.cfg.zo.momentum > 0:
             self.momentum = [torch.zeros_like(p) for p in self.theta]
