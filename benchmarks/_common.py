@@ -183,7 +183,7 @@ def zo_config(model: Path | str, out: Path | str, tier: str, *, data: Path | str
                     "host_budget_gib": host_budget_gib, "prefetch_depth": prefetch_depth,
                     "io_threads": io_threads, "verify_checksums": verify_checksums},
         "output_dir": str(out),
-        "resume": "never",
+        "resume": "never", "overwrite": True,
     })
 
 

@@ -276,7 +276,7 @@ def main() -> int:
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
             "offload": {"tier": tier, "prefetch_depth": args.prefetch_depth, "io_threads": args.io_threads,
                         "host_budget_gib": 4.0, **({"nvme_dir": str(work / f"store_{name}")} if tier == "nvme" else {})},
-            "output_dir": str(work / f"run_{name}"), "resume": "never", "device": "cpu"})
+            "output_dir": str(work / f"run_{name}"), "resume": "never", "overwrite": True, "device": "cpu"})
 
     print(f"threads={torch.get_num_threads()} nproc={os.cpu_count()} torch={torch.__version__}; setting up {variants}",
           flush=True)

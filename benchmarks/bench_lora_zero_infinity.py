@@ -107,7 +107,7 @@ def child_ft(args) -> dict:
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "offload": {"tier": "nvme", "nvme_dir": str(store_dir), "prefetch_depth": args.prefetch_depth,
                     "io_threads": args.io_threads},
-        "output_dir": str(Path(args.dir) / "ft_run"), "resume": "never", "device": "cpu"})
+        "output_dir": str(Path(args.dir) / "ft_run"), "resume": "never", "overwrite": True, "device": "cpu"})
     tr = LoraTrainer(cfg)
     tr.setup()
     setup_s = time.perf_counter() - t_setup

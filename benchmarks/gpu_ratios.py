@@ -61,7 +61,7 @@ def main() -> None:
                  "data": {"train": str(data), "max_length": 128},
                  "train": {"steps": a.steps, "batch_size": 8, "lr": 1e-6 if method == "zo" else 1e-4},
                  "offload": {"tier": tier, "nvme_dir": str(scratch / "nvme")}, "output_dir": str(out),
-                 "resume": "never"}
+                 "resume": "never", "overwrite": True}
             if method == "lora":
                 d["lora"] = {"rank": 8, "target_modules": ["q_proj", "v_proj"]}
             run(config_from_dict(d), progress=False)

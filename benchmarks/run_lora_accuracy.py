@@ -62,7 +62,7 @@ def main() -> int:
         "lora": {"rank": args.rank, "alpha": args.alpha, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "offload": {"tier": args.tier, **({"nvme_dir": args.nvme_dir} if args.tier == "nvme" else {})},
         "output_dir": args.output_dir,
-        "resume": "never",
+        "resume": "never", "overwrite": True,
         "device": "cpu",
     }
     cfg = config_from_dict(cfg_dict)
