@@ -75,6 +75,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["DeepSpeedAIO", "DeepSpeedGDS", "aio_available", "load_aio_op"]
 
 _load_lock = threading.Lock()
+# DeepSpeed's first IO op of a process logs a warning from C++ inside std::call_once, calling
+# Python's logging, which needs the GIL; pybind11 holds the GIL during async_pread/async_pwrite.
+# Two lanes issuing their first op at once deadlock (one holds the GIL and waits in call_once,
+# the other holds call_once and waits for the GIL: seen in CI). Until one op has been issued in
+# this process (per kind: the warning may be for writes only), ops of that kind are issued one at
+# a time under this lock (released while waiting).
+_first_op_lock = threading.Lock()
+_first_op_done = {"read": False, "write": False}
 _loaded: dict[str, Any] = {}
 _failed: dict[str, FerrytuneError] = {}
 
@@ -527,15 +535,23 @@ class DeepSpeedAIO(IOBackend):
             tensor = op.staging[:op.view.nbytes]
             if op.req.kind == "write":
                 tensor.copy_(torch.frombuffer(op.view, dtype=torch.uint8))
-        if op.req.kind == "read":
-            rc = handle.async_pread(tensor, f"/proc/self/fd/{op.fd}", op.offset)
+        if _first_op_done[op.req.kind]:
+            rc = self._issue(handle, op, tensor)
         else:
-            rc = handle.async_pwrite(tensor, op.fd, op.offset)
+            with _first_op_lock:
+                rc = self._issue(handle, op, tensor)
+                _first_op_done[op.req.kind] = True
         if rc != 0:
             raise StoreError(f"{self.label}: {op.req.kind} of /proc/self/fd/{op.fd} at offset {op.offset} "
                              f"was refused (rc {rc}); see DeepSpeed's message above")
         # The main handle is also the tail handle when the parallelism is 1.
         lane.pending[op.tail and lane.handles[True] is not lane.handles[False]] += 1
+
+    @staticmethod
+    def _issue(handle, op: _Op, tensor: torch.Tensor) -> int:
+        if op.req.kind == "read":
+            return handle.async_pread(tensor, f"/proc/self/fd/{op.fd}", op.offset)
+        return handle.async_pwrite(tensor, op.fd, op.offset)
 
     def _finish_read(self, op: _Op) -> None:
         """Pool: copy out of staging, then hash the request's pieces that lie wholly inside this op."""
