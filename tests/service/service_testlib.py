@@ -82,3 +82,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, proc, wait_s: float) -> None:
+    """Poll ``url``/v1/health until the service started as ``proc`` answers; fail if it exits or ``wait_s`` passes."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if requests.get(f"{url}/v1/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        out = proc.stdout.read() if proc.poll() is not None and proc.stdout else "timeout"
+        assert proc.poll() is None and time.monotonic() < deadline, out
+        time.sleep(0.2)

@@ -17,7 +17,7 @@ import pytest
 import requests
 import torch
 import yaml
-from service_testlib import free_port, job_spec, lora_config
+from service_testlib import free_port, job_spec, lora_config, wait_until_healthy
 
 ray = pytest.importorskip("ray")
 
@@ -279,15 +279,7 @@ def test_restart_keeps_every_job_and_a_burst_loses_none(ray_session, tiny, tmp_p
     proc = _serve_subprocess(state, base, port, ray_session)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                if requests.get(f"{url}/v1/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, WAIT_S)
         client = Client(url, token)
         assert client.status(done)["state"] == "succeeded"
         restarted = wait_for(client, long["id"], lambda j: j["state"] == "queued")

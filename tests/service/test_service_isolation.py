@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from service_testlib import free_port, job_spec, lora_config, write_classification
+from service_testlib import free_port, job_spec, lora_config, wait_until_healthy, write_classification
 
 pytest.importorskip("ray")
 
@@ -442,15 +442,7 @@ def test_embedded_ray_listens_on_loopback_only_and_dies_with_the_service(tiny, t
     service = psutil.Process(proc.pid)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                if requests.get(f"{url}/v1/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, WAIT_S)
         client = Client(url, token)
         client.upload(d / "cls.jsonl", "train.jsonl")
         job = client.submit_text(yaml.safe_dump(job_spec("tiny", "train.jsonl", steps=1000)))["id"]
