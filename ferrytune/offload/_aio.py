@@ -67,8 +67,7 @@ from typing import Any
 import torch
 
 from ferrytune.errors import FerrytuneError, StoreError
-from ferrytune.offload._io import (PAGE_BYTES, ChunkFn, IOBackend, IOStats, _BusyClock, as_byte_view, check_aligned,
-                                   is_direct)
+from ferrytune.offload._io import PAGE_BYTES, ChunkFn, IOBackend, IOCounters, IOStats, checked_view, is_direct
 
 logger = logging.getLogger(__name__)
 
@@ -282,9 +281,7 @@ class DeepSpeedAIO(IOBackend):
         self._locked: list[torch.Tensor] = []
         self._closed = False
         self._lock = threading.Lock()
-        self._clock = {"read": _BusyClock(), "write": _BusyClock()}
-        self._bytes = {"read": 0, "write": 0}
-        self._count = {"read": 0, "write": 0}
+        self._counters = IOCounters()
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._num_staging = num_staging
@@ -340,8 +337,7 @@ class DeepSpeedAIO(IOBackend):
     def submit_read(self, fd: int, offset: int, buf: memoryview, *,
                     chunk_fn: ChunkFn | None = None) -> Future[list[Any]]:
         """Start a read; the future yields ``chunk_fn``'s results in chunk order."""
-        buf = as_byte_view(buf)
-        check_aligned(offset, buf)
+        buf = checked_view(offset, buf)
         self._check_fd(fd)
         size = os.fstat(fd).st_size
         if offset + buf.nbytes > size:  # DeepSpeed asserts (aborts) here: say it as the thread backend does
@@ -353,15 +349,12 @@ class DeepSpeedAIO(IOBackend):
     def submit_write(self, fd: int, offset: int, buf: memoryview, *,
                      chunk_fn: ChunkFn | None = None) -> Future[list[Any]]:
         """Start a write; ``chunk_fn`` sees each piece before it is written."""
-        buf = as_byte_view(buf)
-        check_aligned(offset, buf)
         self._check_fd(fd)
-        return self._submit("write", fd, offset, buf, chunk_fn)
+        return self._submit("write", fd, offset, checked_view(offset, buf), chunk_fn)
 
     @property
     def stats(self) -> IOStats:
-        with self._lock:
-            return IOStats.of(self._bytes, self._clock, self._count)
+        return self._counters.stats()
 
     def close(self) -> None:
         """Finish the requests in flight, stop the threads, free the locked buffers and handles."""
@@ -408,7 +401,7 @@ class DeepSpeedAIO(IOBackend):
         with self._lock:
             if self._closed:
                 raise StoreError("IO backend is closed")
-            self._clock[kind].start(time.perf_counter())
+            self._counters.start(kind)
         outer: Future[list[Any]] = Future()
         outer.set_running_or_notify_cancel()
         num_pieces = -(-buf.nbytes // self.chunk_bytes)
@@ -588,10 +581,7 @@ class DeepSpeedAIO(IOBackend):
             req.left -= 1
             if req.left:
                 return
-            self._clock[req.kind].stop(time.perf_counter())
-            if req.error is None:
-                self._bytes[req.kind] += req.nbytes
-                self._count[req.kind] += 1
+        self._counters.stop(req.kind, req.nbytes if req.error is None else None)
         if req.error is None and req.kind == "read" and req.chunk_fn is not None:
             try:  # pieces that straddled two ops (a record's tail): hashed once all their bytes are in
                 for index in range(req.num_pieces):
@@ -639,7 +629,7 @@ class DeepSpeedGDS(DeepSpeedAIO):
         with self._lock:
             if self._closed:
                 raise StoreError("IO backend is closed")
-            self._clock[kind].start(time.perf_counter())
+            self._counters.start(kind)
         handle = self._lanes[0].handles[False]  # cuFile registrations are per process
         handle.pin_device_tensor(flat)
         try:

@@ -112,6 +112,13 @@ def open_direct(path: str | os.PathLike[str], *, write: bool) -> int:
         raise StoreError(f"cannot open {path}: {exc.strerror}; check offload.nvme_dir") from exc
 
 
+def checked_view(offset: int, buf: Any) -> memoryview:
+    """``buf`` as a flat byte view (:func:`as_byte_view`), checked for direct IO at ``offset``."""
+    view = as_byte_view(buf)
+    check_aligned(offset, view)
+    return view
+
+
 def check_aligned(offset: int, buf: memoryview) -> None:
     """Raise :class:`StoreError` unless offset, length and address are page-aligned."""
     if buf.ndim != 1 or buf.itemsize != 1 or not buf.contiguous:
@@ -139,11 +146,39 @@ class IOStats:
     num_reads: int = 0
     num_writes: int = 0
 
-    @classmethod
-    def of(cls, nbytes: dict[str, int], clock: dict[str, Any], count: dict[str, int]) -> "IOStats":
-        """From a backend's per-kind (``"read"``, ``"write"``) bytes, busy clocks and request counts."""
-        return cls(nbytes["read"], nbytes["write"], clock["read"].total_s, clock["write"].total_s,
-                   count["read"], count["write"])
+
+class IOCounters:
+    """Per-kind (``"read"``, ``"write"``) bytes, request counts and busy time of one backend; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = {"read": 0, "write": 0}
+        self._since = {"read": 0.0, "write": 0.0}
+        self._busy_s = {"read": 0.0, "write": 0.0}
+        self._bytes = {"read": 0, "write": 0}
+        self._count = {"read": 0, "write": 0}
+
+    def start(self, kind: str) -> None:
+        """A request of ``kind`` is in flight from now."""
+        with self._lock:
+            if self._in_flight[kind] == 0:
+                self._since[kind] = time.perf_counter()
+            self._in_flight[kind] += 1
+
+    def stop(self, kind: str, nbytes: int | None) -> None:
+        """A request of ``kind`` ended, having moved ``nbytes`` (None: it failed)."""
+        with self._lock:
+            self._in_flight[kind] -= 1
+            if self._in_flight[kind] == 0:
+                self._busy_s[kind] += time.perf_counter() - self._since[kind]
+            if nbytes is not None:
+                self._bytes[kind] += nbytes
+                self._count[kind] += 1
+
+    def stats(self) -> IOStats:
+        with self._lock:
+            n, s, c = self._bytes, self._busy_s, self._count
+            return IOStats(n["read"], n["write"], s["read"], s["write"], c["read"], c["write"])
 
 
 class IOBackend(Protocol):
@@ -171,25 +206,6 @@ class IOBackend(Protocol):
     def close(self) -> None: ...
 
 
-class _BusyClock:
-    """Accumulates the time during which at least one request is in flight."""
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.since = 0.0
-        self.total_s = 0.0
-
-    def start(self, now: float) -> None:
-        if self.in_flight == 0:
-            self.since = now
-        self.in_flight += 1
-
-    def stop(self, now: float) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.total_s += now - self.since
-
-
 class ThreadedDirectIO(IOBackend):
     """Default :class:`IOBackend`: ``os.preadv``/``os.pwritev`` from a thread pool.
 
@@ -206,9 +222,7 @@ class ThreadedDirectIO(IOBackend):
         self.chunk_bytes = chunk_bytes
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="ferrytune-io")
         self._lock = threading.Lock()
-        self._clock = {"read": _BusyClock(), "write": _BusyClock()}
-        self._bytes = {"read": 0, "write": 0}
-        self._count = {"read": 0, "write": 0}
+        self._counters = IOCounters()
 
     # -- public API (read_into / write_from: IOBackend's, over these) -----------------------------
     def submit_read(self, fd: int, offset: int, buf: memoryview, *,
@@ -223,8 +237,7 @@ class ThreadedDirectIO(IOBackend):
 
     @property
     def stats(self) -> IOStats:
-        with self._lock:
-            return IOStats.of(self._bytes, self._clock, self._count)
+        return self._counters.stats()
 
     def close(self) -> None:
         """Wait for requests in flight, then stop the threads."""
@@ -233,27 +246,21 @@ class ThreadedDirectIO(IOBackend):
     # -- internals ----------------------------------------------------------------------------
     def _submit(self, kind: str, fd: int, offset: int, buf: memoryview,
                 chunk_fn: ChunkFn | None) -> Future[list[Any]]:
-        buf = as_byte_view(buf)
-        check_aligned(offset, buf)
+        buf = checked_view(offset, buf)
         direct = is_direct(fd)
         pieces = [(pos, buf[pos:pos + self.chunk_bytes]) for pos in range(0, buf.nbytes, self.chunk_bytes)]
         outer: Future[list[Any]] = Future()
         outer.set_running_or_notify_cancel()
         results: list[Any] = [None] * len(pieces)
         state = {"left": len(pieces), "error": None}
-        with self._lock:
-            self._clock[kind].start(time.perf_counter())
+        self._counters.start(kind)
 
         def finish() -> None:
             # Runs once, in the thread that completed the last piece: no worker ever
             # blocks on another worker, so nested submissions cannot deadlock the pool.
             if state["error"] is None and not direct:
                 state["error"] = _drop_cache(kind, fd, offset, buf.nbytes)
-            with self._lock:
-                self._clock[kind].stop(time.perf_counter())
-                if state["error"] is None:
-                    self._bytes[kind] += buf.nbytes
-                    self._count[kind] += 1
+            self._counters.stop(kind, buf.nbytes if state["error"] is None else None)
             if state["error"] is None:
                 outer.set_result(results)
             else:
@@ -292,32 +299,32 @@ def _io_error(kind: str, fd: int, offset: int, exc: OSError) -> StoreError:
 
 
 def _read_piece(fd: int, offset: int, pos: int, view: memoryview, chunk_fn: ChunkFn | None) -> Any:
-    done = 0
-    while done < view.nbytes:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise _io_error("read", fd, offset + done, exc) from exc
-        if n == 0:
-            raise StoreError(
-                f"short read of {fd_path(fd)}: end of file at offset {offset + done}, "
-                f"{view.nbytes - done} bytes missing; the store file is truncated")
-        done += n
+    _transfer("read", fd, offset, view)
     return chunk_fn(pos, view) if chunk_fn is not None else None
 
 
 def _write_piece(fd: int, offset: int, pos: int, view: memoryview, chunk_fn: ChunkFn | None) -> Any:
     result = chunk_fn(pos, view) if chunk_fn is not None else None
+    _transfer("write", fd, offset, view)
+    return result
+
+
+def _transfer(kind: str, fd: int, offset: int, view: memoryview) -> None:
+    """All of ``view`` from (read) or to (write) ``fd`` at ``offset``, across short transfers."""
+    call = os.preadv if kind == "read" else os.pwritev
     done = 0
     while done < view.nbytes:
         try:
-            n = os.pwritev(fd, [view[done:]], offset + done)
+            n = call(fd, [view[done:]], offset + done)
         except OSError as exc:
-            raise _io_error("write", fd, offset + done, exc) from exc
+            raise _io_error(kind, fd, offset + done, exc) from exc
+        if n == 0 and kind == "read":
+            raise StoreError(
+                f"short read of {fd_path(fd)}: end of file at offset {offset + done}, "
+                f"{view.nbytes - done} bytes missing; the store file is truncated")
         if n == 0:  # the kernel wrote nothing and reported no error: the device is full
-            raise _io_error("write", fd, offset + done, OSError(errno.ENOSPC, "no space"))
+            raise _io_error(kind, fd, offset + done, OSError(errno.ENOSPC, "no space"))
         done += n
-    return result
 
 
 def _drop_cache(kind: str, fd: int, offset: int, nbytes: int) -> Exception | None:
@@ -401,7 +408,7 @@ def as_byte_view(buf: Any) -> memoryview:
 
 __all__: Sequence[str] = (
     "CHECKSUM_CRC32", "CHECKSUM_NAMES", "CHECKSUM_NONE", "CHECKSUM_XXH3", "GRANULE_BYTES",
-    "PAGE_BYTES", "IOBackend", "IOStats", "ThreadedDirectIO", "aligned_buffer", "as_byte_view", "as_uint8_tensor",
-    "check_aligned", "default_checksum", "granule_digests", "hash_fn", "is_direct", "open_direct",
+    "PAGE_BYTES", "IOBackend", "IOCounters", "IOStats", "ThreadedDirectIO", "aligned_buffer", "as_byte_view", "as_uint8_tensor",
+    "check_aligned", "checked_view", "default_checksum", "granule_digests", "hash_fn", "is_direct", "open_direct",
     "record_checksum", "round_up",
 )

@@ -87,17 +87,17 @@ _jobs = sa.Table(
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
 )
-_events = sa.Table(
-    "events", _meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String(40), nullable=False, index=True),
-    sa.Column("time", sa.Float, nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-)
-_metrics = sa.Table(
-    "metrics", _meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String(40), nullable=False, index=True),
+
+
+def _job_log(name: str, *columns: sa.Column) -> sa.Table:
+    """A per-job append-only table: rows in insertion order (``id``), looked up by ``job_id``."""
+    return sa.Table(name, _meta, sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                    sa.Column("job_id", sa.String(40), nullable=False, index=True), *columns)
+
+
+_events = _job_log("events", sa.Column("time", sa.Float, nullable=False), sa.Column("message", sa.Text, nullable=False))
+_metrics = _job_log(
+    "metrics",
     sa.Column("step", sa.Integer, nullable=False),
     sa.Column("loss", sa.Float, nullable=False),
     sa.Column("lr", sa.Float, nullable=False),
