@@ -332,12 +332,11 @@ def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
             # the copy is what is checked, so what was checked is what trains
             copy_private(valid.train_file, job_dir / "train.jsonl")
             data = check_dataset(valid, ctx.catalog, job_dir / "train.jsonl",
-                                 shown=valid.config["data"]["train"].rsplit("/", 1)[-1])
+                                 shown=valid.cfg.data.train.rsplit("/", 1)[-1])
             memory = job_memory_bytes(valid, data)
             _check_memory(ctx, valid, memory)
             write_private(job_dir / "spec.yaml", text.encode("utf-8"))
-            config = dict(valid.config, output_dir=str(job_dir / "work"))
-            config["data"] = dict(config["data"], train=str(job_dir / "train.jsonl"))
+            config = valid.stored_config(train=str(job_dir / "train.jsonl"), output_dir=str(job_dir / "work"))
             return store.create_job(NewJob(
                 id=job_id, tenant=t.name, name=valid.name, base=valid.base, dtype=valid.dtype,
                 priority=valid.priority, max_steps=valid.max_steps, spec_text=text, config=config,

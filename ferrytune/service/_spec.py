@@ -25,12 +25,15 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ferrytune.errors import ConfigError, DataError, FerrytuneError
 from ferrytune.service._limits import TenantLimits
+
+if TYPE_CHECKING:
+    from ferrytune.config import TrainConfig
 from ferrytune.service._paths import UnsafePathError, check_file_name, resolve_inside
 from ferrytune.service._policy import BaseCost, adapter_state_bytes
 
@@ -65,18 +68,35 @@ class ValidSpec:
     name: str
     priority: int
     base: str
-    dtype: str
-    config: dict  # a TrainConfig dict; data.train and model.path are server paths
+    cfg: TrainConfig  # the job's config, parsed and checked once; data.train and model.path are server paths
     train_file: Path  # the tenant's uploaded file (resolved inside its area)
     output_rel: str | None  # output_dir as given (validated), or None
-    max_steps: int
-    max_length: int
     adapter_params: int
-    batch_size: int = 1
 
     @property
     def adapter_bytes(self) -> int:
         return adapter_state_bytes(self.adapter_params)
+
+    @property
+    def dtype(self) -> str:
+        return self.cfg.model.compute_dtype
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.train.steps
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.data.max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.train.batch_size
+
+    def stored_config(self, *, train: str, output_dir: str) -> dict:
+        """The config as the job store keeps it (JSON), with the job's own copy of the data and folder."""
+        data = self.cfg.data.model_copy(update={"train": train})
+        return self.cfg.model_copy(update={"data": data, "output_dir": output_dir}).to_dict()
 
 
 @dataclass(frozen=True)
@@ -198,10 +218,8 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
         raise SpecError(f"train.batch_size: batch_size x data.max_length = {tokens} tokens per step; this service "
                         f"allows {limits.max_tokens_per_step}; lower train.batch_size or data.max_length")
     params = sum(t.rank * (t.in_features + t.out_features) for t in targets.values())
-    return ValidSpec(name=name or "", priority=priority, base=base, dtype=cfg.model.compute_dtype,
-                     config=cfg.to_dict(), train_file=train_file, output_rel=output_rel,
-                     max_steps=cfg.train.steps, max_length=cfg.data.max_length, adapter_params=params,
-                     batch_size=cfg.train.batch_size)
+    return ValidSpec(name=name or "", priority=priority, base=base, cfg=cfg, train_file=train_file,
+                     output_rel=output_rel, adapter_params=params)
 
 
 def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: str) -> DatasetStats:
@@ -209,11 +227,9 @@ def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: 
 
     Errors name the file as the tenant knows it (``shown``) and the line, never ``path``.
     """
-    from ferrytune.config import config_from_dict
     from ferrytune.data import load_examples
 
-    data = config_from_dict(dict(valid.config, data=dict(valid.config["data"], train=str(path))),
-                            source="spec", check_device=False).data
+    data = valid.cfg.data.model_copy(update={"train": str(path)})
     tokenizer = catalog.tokenizer(valid.base)
     try:
         with catalog.encode_lock:
