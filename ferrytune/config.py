@@ -121,6 +121,7 @@ class ZOConfig(_Section):
     update: Literal["sgd", "sign"] = Field("sgd", description="sgd: p -= lr*g*z; sign: p -= lr*sign(g)*z")
     momentum: float = Field(0.0, ge=0, lt=1, description="momentum on the projected gradients g (0 = off)")
     trainable: Literal["all", "lora"] = Field("all", description="parameters zo perturbs: the whole model or only LoRA adapters")
+    block_fraction: float = Field(1.0, gt=0, le=1, description="LeZO: fraction of blocks (the outer block and the layers) perturbed and updated per step, drawn from (train.seed, step); the others run unperturbed and are not written back. 1 = MeZO")
 
 
 class LoRAConfig(_Section):
@@ -259,6 +260,9 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         ))
     if t.warmup_steps > t.steps:
         problems.append(("train.warmup_steps", f"must be <= train.steps (got {t.warmup_steps}, steps {t.steps})"))
+    if cfg.method == "zo" and cfg.zo.trainable == "lora" and cfg.zo.block_fraction < 1:
+        problems.append(("zo.block_fraction", "applies to zo.trainable: all (the streamed blocks); set it to 1 with "
+                                              "zo.trainable: lora"))
     if cfg.offload.tier == "nvme" and not cfg.offload.nvme_dir:
         problems.append(("offload.nvme_dir", "required when offload.tier is 'nvme' (set it to a directory on a fast local disk)"))
     if cfg.parallel.backend == "nccl" and cfg.device != "cuda":

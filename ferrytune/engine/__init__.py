@@ -19,7 +19,7 @@ from ferrytune.engine._runtime import Runtime, build_base_runtime, build_runtime
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import ZOEngine
 from ferrytune.engine._zo_lora_trainer import ZOLoraTrainer
-from ferrytune.engine._zo_math import CHAIN, ZOHyper, zo_update_
+from ferrytune.engine._zo_math import CHAIN, ZOHyper, active_blocks, zo_update_
 from ferrytune.engine._zo_trainer import ZOTrainer
 
 
@@ -33,6 +33,6 @@ def trainer_class(cfg) -> type:
 __all__ = [
     "CHAIN", "CHECKPOINT_NAME", "FOEngine", "LoraTrainer", "MultiLoraTrainer", "Packer", "RUN_FILES", "Runtime",
     "STATE_NAME", "StepLoop", "StepResult", "TrainResult", "ZOEngine", "ZOHyper", "ZOLoraTrainer", "ZOTrainer",
-    "build_base_runtime", "build_runtime", "check_device", "list_checkpoints", "lr_at", "read_state",
+    "active_blocks", "build_base_runtime", "build_runtime", "check_device", "list_checkpoints", "lr_at", "read_state",
     "trainer_class", "weights_from", "zo_update_",
 ]

@@ -23,6 +23,10 @@ rank of a distributed job regenerates the same z. A rank computes only the
 streams it owns (perturbation parallelism) but always runs the full in-place
 sequence, so all ranks hold bit-identical weights.
 
+With ``zo.block_fraction < 1`` (LeZO, Wang et al. 2024) a step perturbs and updates only the
+blocks ``active_blocks(seed, step)`` draws; the others run every stream unperturbed and, when
+no pending update touches them either, are released clean: no write-back, no z work.
+
 A tied weight (embedding = lm_head) is used by two units; for it the values
 ``θ+εz``, ``θ-εz`` and the restored value are computed once per step (with the
 same in-place arithmetic, on copies) and bound per stream.
@@ -37,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
-from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, chained_copies, zo_update_
+from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, chained_copies, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
@@ -82,6 +86,8 @@ class ZOEngine:
             for p in u.params:
                 units_of.setdefault(p.param_id, set()).add(u.name)
         self._shared = {pid for pid, us in units_of.items() if len(us) > 1}
+        self._blocks = [OUTER] + layout.layer_blocks
+        self._active: tuple[int, frozenset[str]] | None = None
         self._pass: _PassState | None = None
         # εz of the unit computing, generated once and added three times (+1, -2, +1) instead of
         # regenerated per addition; larger units fall back to the fused kernel. Same bits either way.
@@ -101,12 +107,14 @@ class ZOEngine:
         (data-parallel ranks then match a single process bit for bit).
         ``positions``: (S*M*R, L) positions whose hidden states go through the head.
         """
-        order = [OUTER] + self.layout.layer_blocks
+        order = self._blocks
         self.streamer.start_pass(order)
-        momentum = self.state_streamer is not None and dirty and self.pending is not None
+        updating = [b for b in order if self._needs_update(b)] if dirty else []
+        momentum = self.state_streamer is not None and bool(updating)
         if momentum:
-            self.state_streamer.start_pass(order)
-        self._pass = _PassState(step=step, streams=streams, rows=rows_per_stream, dirty=dirty, num_micro=num_micro)
+            self.state_streamer.start_pass(updating)
+        self._pass = _PassState(step=step, streams=streams, rows=rows_per_stream, dirty=dirty, num_micro=num_micro,
+                                active=frozenset() if all(s[1] == 0 for s in streams) else self.active(step))
         ok = False
         try:
             self._open_block(OUTER)
@@ -130,7 +138,7 @@ class ZOEngine:
         """Apply the pending update to every block (before eval, checkpoint, end)."""
         if self.pending is None:
             return
-        order = [b for b in [OUTER] + self.layout.layer_blocks if b not in self.pending.done]
+        order = [b for b in self._blocks if self._needs_update(b)]
         self.streamer.start_pass(order)
         if self.state_streamer is not None:
             self.state_streamer.start_pass(order)
@@ -150,30 +158,48 @@ class ZOEngine:
         chain, exactly as the training pass did, so replaying the (seed, g) log from the
         initial weights reproduces the trained weights bit for bit.
         """
-        order = [OUTER] + self.layout.layer_blocks
+        order = self._blocks
         self.streamer.start_pass(order)
-        momentum = self.state_streamer is not None and self.pending is not None
+        updating = [b for b in order if self._needs_update(b)]
+        momentum = self.state_streamer is not None and bool(updating)
         if momentum:
-            self.state_streamer.start_pass(order)
+            self.state_streamer.start_pass(updating)
+        active = self.active(step)
         for b in order:
             flat = self.streamer.acquire(b)
-            if self.pending is not None:
+            touched = b in updating
+            if touched:
                 self._apply_update(b, flat)
-            for p in self.layout.blocks[b].params:
-                v = _view(flat, p)
-                for k in range(self.h.num_perturbations):
-                    for mult in CHAIN:
-                        self._perturb(v, step, k, p, mult * self.h.eps)
-            self.streamer.release(b, dirty=True)
+            if b in active:
+                touched = True
+                for p in self.layout.blocks[b].params:
+                    v = _view(flat, p)
+                    for k in range(self.h.num_perturbations):
+                        for mult in CHAIN:
+                            self._perturb(v, step, k, p, mult * self.h.eps)
+            self.streamer.release(b, dirty=touched)
         self.streamer.finish_pass()
         if momentum:
             self.state_streamer.finish_pass()
 
     # ------------------------------------------------------------ block life
+    def active(self, step: int) -> frozenset[str]:
+        """The blocks step ``step`` perturbs and updates (all of them unless ``block_fraction < 1``)."""
+        if self._active is None or self._active[0] != step:
+            self._active = (step, active_blocks(self._blocks, seed=self.h.seed, step=step,
+                                                fraction=self.h.block_fraction))
+        return self._active[1]
+
+    def _needs_update(self, b: str) -> bool:
+        """Whether the pending update still has to be applied to block ``b``."""
+        upd = self.pending
+        return upd is not None and b not in upd.done and b in self.active(upd.step)
+
     def _open_block(self, b: str) -> None:
         flat = self.streamer.acquire(b)
-        if self._pass.dirty and self.pending is not None and b not in self.pending.done:
+        if self._pass.dirty and self._needs_update(b):
             self._apply_update(b, flat)
+            self._pass.touched.add(b)
         for p in self.layout.blocks[b].params:
             bind(p, _view(flat, p))
         self._pass.open[b] = flat
@@ -185,7 +211,8 @@ class ZOEngine:
             if restored is not None:
                 _view(flat, p).copy_(restored)
             bind(p, None)
-        self.streamer.release(b, dirty=self._pass.dirty)
+        ps = self._pass
+        self.streamer.release(b, dirty=ps.dirty and (b in ps.touched or ps.perturbs(b)))
 
     # -------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -197,6 +224,11 @@ class ZOEngine:
         n_total = len(ps.streams) * ps.num_micro * ps.rows
         if all(s[1] == 0 for s in ps.streams):  # unperturbed (evaluation)
             result = orig(*args, **kwargs)
+        elif not ps.perturbs(unit.block_id):  # not drawn this step: every stream sees the same weights
+            n_chunks = len(ps.streams) * ps.num_micro
+            outs = [orig(*a, **kw) for a, kw in (slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
+                                                 for c in range(n_chunks))]
+            result = cat_rows(outs, [ps.rows] * n_chunks)
         else:
             own = [p for p in unit.params if p.param_id not in self._shared]
             shared = [p for p in unit.params if p.param_id in self._shared]
@@ -309,9 +341,15 @@ class _PassState:
     rows: int
     dirty: bool
     num_micro: int = 1
+    active: frozenset[str] = frozenset()  # blocks this pass perturbs
+    touched: set[str] = field(default_factory=set)  # blocks the pending update changed in this pass
     open: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_cache: dict = field(default_factory=dict)
     shared_restored: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+    def perturbs(self, b: str) -> bool:
+        return b in self.active
 
 
 def _view(flat: torch.Tensor, p: ParamSpec) -> torch.Tensor:

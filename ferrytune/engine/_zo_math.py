@@ -8,6 +8,7 @@ ones the bit-identity tests hold against plain MeZO loops.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,12 +30,28 @@ class ZOHyper:
     momentum: float
     weight_decay: float
     seed: int
+    block_fraction: float = 1.0
 
     @classmethod
     def from_config(cls, zo, train) -> "ZOHyper":
         """From the ``zo`` and ``train`` sections of a config."""
         return cls(eps=zo.eps, num_perturbations=zo.num_perturbations, distribution=zo.distribution,
-                   update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed)
+                   update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed,
+                   block_fraction=zo.block_fraction)
+
+
+def active_blocks(blocks: Sequence[str], *, seed: int, step: int, fraction: float) -> frozenset[str]:
+    """The blocks step ``step`` perturbs and updates (LeZO's layer-wise sparsity).
+
+    ``round(fraction * len(blocks))`` of them (at least one), drawn without replacement by a
+    generator keyed by ``(seed, step)`` alone: a pure function, so every rank, a resumed run and
+    ``ferrytune replay`` draw the same set, whatever the visiting order or the timing.
+    """
+    if fraction >= 1:
+        return frozenset(blocks)
+    n = max(1, round(fraction * len(blocks)))
+    rng = random.Random(f"ferrytune-block-sparsity:{seed}:{step}")  # str seeds hash with SHA-512: portable
+    return frozenset(rng.sample(sorted(blocks), n))  # sorted: the draw does not depend on the order given
 
 
 def chained_copies(base: torch.Tensor, add: Callable[[torch.Tensor, float], None],

@@ -70,6 +70,19 @@ def test_2d_four_ranks_equals_single_process(model, tmp_path):
     assert metric_losses(tmp_path / "2d") == metric_losses(tmp_path / "ref")
 
 
+@pytest.mark.parametrize("parallel", [{"perturbation": 2}, {"data": 2}], ids=["pertp", "dp"])
+def test_block_sparse_zo_two_ranks_equals_single_process(model, tmp_path, parallel):
+    # zo.block_fraction: every rank draws the same blocks from (seed, step), so PertP and DP still
+    # hold the single process's weights bit for bit.
+    zo = {"block_fraction": 0.5}
+    ref = config_dict(model, tmp_path / "ref", zo=zo)
+    run_single(ref)
+    d = config_dict(model, tmp_path / "dist", zo=zo, parallel={**parallel, **CHECK})
+    torchrun(write_config(d, tmp_path / "dist.yaml"), 2)
+    assert_same_weights(tmp_path / "ref" / "final", tmp_path / "dist" / "final")
+    assert metric_losses(tmp_path / "dist") == metric_losses(tmp_path / "ref")
+
+
 def test_lora_data_parallel_two_ranks_equals_single_process(model, tmp_path):
     # batch 4 in micro-batches of 2: one micro-batch per rank, so the gradient all-reduce adds
     # the same two tensors the single process accumulates (a + b == b + a): bit-identical.
