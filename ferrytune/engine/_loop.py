@@ -43,6 +43,7 @@ class StepLoop:
     """Base of the trainers: shared set-up pieces and ``train()``; see the module docstring for the hooks."""
 
     method = "?"
+    show_progress = True  # progress bars on the main rank (``train(progress=False)`` turns them off)
 
     def __init__(self, cfg, *, mesh=None, read_only: bool = False) -> None:
         """``read_only``: evaluation (``ferrytune eval``, ``replay``) of weights named by the config; the
@@ -138,6 +139,9 @@ class StepLoop:
     def train(self, *, progress: bool = True) -> TrainResult:
         t, mesh = self.cfg.train, self.mesh
         losses = []
+        self.show_progress = progress
+        if self.start_step == 0 and self.eval_examples:  # the zero-shot baseline, at wall_s ~ 0
+            self.metrics.write({"step": 0, **self.evaluate(prefix="eval_")})
         bar = _progress(t.steps, self.start_step, desc=self.method, enabled=progress and mesh.is_main)
         for step in range(self.start_step, t.steps):
             t0 = time.perf_counter()
@@ -188,13 +192,29 @@ class StepLoop:
             logger.info("eval: loss %.4f accuracy %.4f on %d samples", loss / count, correct / count, int(count))
         return res
 
+    def eval_progress(self, chunks: list):
+        """Iterate an evaluation's ``chunks`` showing progress like training: a bar on the main rank,
+        and a log line every 30 s (a 1,000-row evaluation on a CPU takes minutes)."""
+        bar = _progress(len(chunks), 0, desc="eval", enabled=self.show_progress and self.mesh.is_main, unit="batch")
+        t0 = last = time.perf_counter()
+        for i, chunk in enumerate(chunks):
+            yield chunk
+            if bar is not None:
+                bar.update(1)
+            now = time.perf_counter()
+            if self.mesh.is_main and now - last >= 30:
+                logger.info("eval: %d/%d batches in %.0f s", i + 1, len(chunks), now - t0)
+                last = now
+        if bar is not None:
+            bar.close()
+
     def before_final(self) -> None:
         """Work that must precede the final check, eval and save (ZO: flush the pending update)."""
 
 
-def _progress(total: int, start: int, *, desc: str, enabled: bool):
+def _progress(total: int, start: int, *, desc: str, enabled: bool, unit: str = "step"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, dynamic_ncols=True, leave=desc != "eval")

@@ -154,7 +154,7 @@ class LoraTrainer(StepLoop):
         self.rt.layout.model.eval()
         chunks = list(eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data))
         with torch.no_grad():
-            for chunk in chunks:
+            for chunk in self.eval_progress(chunks):
                 b = pad_positions([collate(chunk, pad_id=self.pad_id)])[0].to(self.rt.device)
                 self.engine.begin_step(1, backward=False)
                 try:

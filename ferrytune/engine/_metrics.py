@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import resource
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -86,11 +87,16 @@ def stream_delta(before: dict, after: dict) -> dict:
 
 
 class MetricsWriter:
-    """Appends to ``OUTPUT_DIR/metrics.jsonl`` (rank 0 only); resumed runs keep earlier lines."""
+    """Appends to ``OUTPUT_DIR/metrics.jsonl`` (rank 0 only); resumed runs keep earlier lines.
+
+    Every line gets ``wall_s``: seconds of the run since its trainer was set up, continued across
+    resumes (from the last kept line), so accuracy can be read against training time.
+    """
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, start_step: int = 0) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self._t0 = time.perf_counter()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if start_step == 0 and self.path.exists():
@@ -99,10 +105,12 @@ class MetricsWriter:
                 keep = [ln for ln in self.path.read_text().splitlines()
                         if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
                 self.path.write_text("".join(k + "\n" for k in keep))
+                self._t0 -= max([json.loads(k).get("wall_s", 0.0) for k in keep], default=0.0)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "wall_s": round(time.perf_counter() - self._t0, 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

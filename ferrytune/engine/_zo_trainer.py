@@ -205,7 +205,7 @@ class ZOTrainer(StepLoop):
         num_passes = len(chunks)
         if self.cfg.parallel.sliced_loading:
             num_passes = math.ceil(math.ceil(len(examples) / mb) / mesh.world_size)
-        for i in range(num_passes):
+        for i in self.eval_progress(list(range(num_passes))):
             chunk = chunks[i] if i < len(chunks) else examples[:1]
             batch = pad_positions([collate(chunk, pad_id=self.pad_id)])[0]
             out = {}
