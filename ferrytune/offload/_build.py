@@ -35,6 +35,9 @@ def build_streamer(plan: Plan, block_numel: dict[str, int], *, device: torch.dev
     """An unopened streamer for ``plan``: device masters on the device, host masters in one arena,
     NVMe masters in a block store in ``nvme_dir``; ``slicing`` wraps the host and NVMe homes."""
     device = torch.device(device)
+    # On a CPU device the host arena is compute memory: its masters serve in place, as device masters do
+    # (not when sliced: a slice must be gathered into a whole block first).
+    in_place = frozenset({Tier.DEVICE} | ({Tier.HOST} if device.type == "cpu" and slicing is None else set()))
 
     def make_homes(copier: Copier) -> dict[Tier, Home]:
         blocks = {t: [b for b, h in plan.home.items() if h == t] for t in Tier}
@@ -63,4 +66,4 @@ def build_streamer(plan: Plan, block_numel: dict[str, int], *, device: torch.dev
 
     return BlockStreamer(plan, block_numel, device=device, compute_dtype=compute_dtype, store_dtype=store_dtype,
                          make_homes=make_homes, num_loaders=slicing.num_loaders if slicing else 2,
-                         nvme_dir=nvme_dir)
+                         nvme_dir=nvme_dir, in_place_tiers=in_place)

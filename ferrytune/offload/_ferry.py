@@ -158,9 +158,11 @@ class BlockStreamer:
     def __init__(self, plan: Plan, block_numel: dict[str, int], *, device: torch.device,
                  compute_dtype: torch.dtype, store_dtype: torch.dtype,
                  make_homes: Callable[[Copier], dict[Tier, Home]], num_loaders: int = 2,
-                 nvme_dir: str | Path | None = None) -> None:
+                 nvme_dir: str | Path | None = None, in_place_tiers: frozenset[Tier] = frozenset({Tier.DEVICE})) -> None:
         """``make_homes(copier)`` builds the homes at ``open`` (they allocate). ``num_loaders``:
-        two let one block's O_DIRECT read overlap the previous block's cast; collective homes need one."""
+        two let one block's O_DIRECT read overlap the previous block's cast; collective homes need one.
+        ``in_place_tiers``: tiers whose masters, in the compute dtype, are the working copies themselves
+        (the device; and the host arena when the device is the CPU)."""
         self.plan = plan
         self.numel = dict(block_numel)
         self.device = torch.device(device)
@@ -168,6 +170,7 @@ class BlockStreamer:
         self.store_dtype = store_dtype
         self.nvme_dir = Path(nvme_dir) if nvme_dir else None
         self.stats = StreamStats()
+        self.in_place_tiers = frozenset(in_place_tiers)
         self._make_homes = make_homes
         self._num_loaders = num_loaders
         self._opened = False
@@ -258,8 +261,8 @@ class BlockStreamer:
             self._submitted += 1
 
     def stays_resident(self, b: str) -> bool:
-        """Whether block ``b``'s working tensor is its master, valid for the whole run."""
-        return self.plan.home[b] == Tier.DEVICE and self.store_dtype == self.compute_dtype
+        """Whether block ``b``'s working tensor is its master, valid for the whole run (nothing moves)."""
+        return self.plan.home[b] in self.in_place_tiers and self.store_dtype == self.compute_dtype
 
     @property
     def sliced(self) -> bool:
@@ -308,7 +311,7 @@ class BlockStreamer:
         self._pos += 1
         self._kick()
         if slot is None:
-            return self._homes[Tier.DEVICE].resident(b)
+            return self._homes[self.plan.home[b]].resident(b)
         if fut is not None:
             if not fut.done():
                 t0 = time.perf_counter()

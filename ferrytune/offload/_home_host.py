@@ -45,6 +45,11 @@ class HostArenaHome:
     def source(self, b: str, staging: Any = None) -> torch.Tensor:
         return self._masters[b]
 
+    def resident(self, b: str) -> torch.Tensor:
+        """The master as the working copy (the streamer asks only when the device is the CPU and the
+        store dtype is the compute dtype: then a copy into a slot would be a plain memcpy)."""
+        return self._masters[b]
+
     target = source
 
     def span(self, b: str) -> tuple[int, int]:

@@ -168,3 +168,15 @@ def test_store_dtype_auto_keeps_a_bf16_checkpoint_in_bf16(tiny_models):
 
     assert load_layout(tiny_models("llama", layers=2, hidden=32, dtype="bfloat16")).checkpoint_dtype == torch.bfloat16
     assert load_layout(tiny_models("llama", layers=2, hidden=32)).checkpoint_dtype == torch.float32
+
+
+@pytest.mark.parametrize("store", ["float32", "bfloat16"])
+def test_host_masters_serve_in_place_on_a_cpu_device(tiny_models, cfg_factory, store):
+    """On a CPU device, host-arena masters in the compute dtype are the working copies: nothing is copied
+    (and no slot ring is allocated); a bf16 store still goes through the slots, cast on the way."""
+    path = tiny_models("llama", layers=3, hidden=32)
+    cfg = cfg_factory(path, model={"store_dtype": store}, offload={"tier": "host"}, data={"eval": None})
+    run(cfg, progress=False)
+    recs = [json.loads(ln) for ln in open(f"{cfg.output_dir}/metrics.jsonl")]
+    moved = [r["bytes_read_host"] + r["bytes_written_host"] for r in recs]
+    assert all(m == 0 for m in moved) if store == "float32" else all(m > 0 for m in moved)
