@@ -27,9 +27,11 @@ With ``zo.block_fraction < 1`` (LeZO, Wang et al. 2024) a step perturbs and upda
 blocks ``active_blocks(seed, step)`` draws; the others run every stream unperturbed and, when
 no pending update touches them either, are released clean: no write-back, no z work.
 
-A tied weight (embedding = lm_head) is used by two units; for it the values
-``θ+εz``, ``θ-εz`` and the restored value are computed once per step (with the
-same in-place arithmetic, on copies) and bound per stream.
+A tied weight (embedding = lm_head) is used by two units. The first unit runs its chain in place
+like its own parameters and keeps a copy of each perturbed value a later unit will need; the
+later units bind those copies, and the last ``θ-εz`` stays in place until the block closes, when
+its final ``+εz`` restores it. With q = 1 that is one copy (none for a PertP rank's ``-`` half):
+the same values, in the same arithmetic, as MeZO's in-place loop.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
-from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, chained_copies, zo_update_
+from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
@@ -88,6 +90,7 @@ class ZOEngine:
         self._shared = {pid for pid, us in units_of.items() if len(us) > 1}
         self._blocks = [OUTER] + layout.layer_blocks
         self._active: tuple[int, frozenset[str]] | None = None
+        self.shared_copy_numel = 0  # elements of tied weights copied so far (q = 1: one copy per step)
         self._pass: _PassState | None = None
         # εz of the unit computing, generated once and added three times (+1, -2, +1) instead of
         # regenerated per addition; larger units fall back to the fused kernel. Same bits either way.
@@ -207,9 +210,9 @@ class ZOEngine:
     def _close_block(self, b: str) -> None:
         flat = self._pass.open.pop(b)
         for p in self.layout.blocks[b].params:
-            restored = self._pass.shared_restored.pop(p.param_id, None)
-            if restored is not None:
-                _view(flat, p).copy_(restored)
+            pending = self._pass.restore_at_close.pop(p.param_id, None)
+            if pending is not None:  # the chain's last +εz of a shared value (see _call_unit)
+                self._perturb(_view(flat, p), self._pass.step, pending[1], p, CHAIN[2] * self.h.eps)
             bind(p, None)
         ps = self._pass
         self.streamer.release(b, dirty=ps.dirty and (b in ps.touched or ps.perturbs(b)))
@@ -233,20 +236,31 @@ class ZOEngine:
             own = [p for p in unit.params if p.param_id not in self._shared]
             shared = [p for p in unit.params if p.param_id in self._shared]
             by_stream: dict[tuple[int, int, int], Any] = {}
-            for k in sorted({s[0] for s in ps.streams}):
-                shared_vals = {p.param_id: self._shared_values(p, flat, ps.step, k) for p in shared}
-                chain = _Chain(self, flat, own, ps.step, k)
+            ks = sorted({s[0] for s in ps.streams})
+            for k in ks:
+                first = [p for p in shared if (p.param_id, k) not in ps.shared_cache]  # this unit runs their chain
+                later = [p for p in shared if p not in first]
+                last_k = k == ks[-1]
+                chain = _Chain(self, flat, own + first, ps.step, k)
                 for sign, mult in zip(SIGNS, CHAIN):
                     chain.apply(mult)
+                    for p in first:  # what later units bind: a copy, or (the last θ-εz) the block itself
+                        keep = None if (last_k and sign == -1) or (k, sign) not in ps.streams else \
+                            _view(flat, p).clone()
+                        self.shared_copy_numel += 0 if keep is None else p.numel
+                        ps.shared_cache.setdefault((p.param_id, k), {})[sign] = keep
                     if (k, sign) in ps.streams:
-                        for p in shared:
-                            bind(p, shared_vals[p.param_id][sign])
+                        for p in later:
+                            held = ps.shared_cache[(p.param_id, k)][sign]
+                            bind(p, _view(flat, p) if held is None else held)
                         i = ps.streams.index((k, sign))
                         for m in range(ps.num_micro):
                             c = i * ps.num_micro + m
                             a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
-                chain.apply(CHAIN[2])
+                if last_k:  # the shared values' final +εz waits for the block's close (later units read θ-εz)
+                    ps.restore_at_close.update((p.param_id, (p, k)) for p in first)
+                chain.apply(CHAIN[2], first=len(own) if last_k else None)
             for p in shared:
                 bind(p, _view(flat, p))
             outs = [by_stream[(k, sign, m)] for k, sign in ps.streams for m in range(ps.num_micro)]
@@ -273,15 +287,6 @@ class ZOEngine:
     def _perturb(self, v: torch.Tensor, step: int, k: int, p: ParamSpec, alpha: float) -> None:
         """``v += alpha * z_k`` with z regenerated in the same fused pass (no z buffer is kept)."""
         add_perturbation_(v, PerturbKey(self.h.seed, step, k, p.param_id), alpha=alpha, dist=self.h.distribution)
-
-    def _shared_values(self, p: ParamSpec, flat: torch.Tensor, step: int, k: int) -> dict[int, torch.Tensor]:
-        cache = self._pass.shared_cache
-        if (p.param_id, k) not in cache:
-            base = self._pass.shared_restored.get(p.param_id, _view(flat, p))
-            plus, minus, restored = chained_copies(base, lambda t, a: self._perturb(t, step, k, p, a), self.h.eps)
-            cache[(p.param_id, k)] = {1: plus, -1: minus}
-            self._pass.shared_restored[p.param_id] = restored
-        return cache[(p.param_id, k)]
 
     # ------------------------------------------------------------ the update
     def _apply_update(self, b: str, flat: torch.Tensor) -> None:
@@ -325,8 +330,9 @@ class _Chain:
                 self.ez.append(ez)
                 off += p.numel
 
-    def apply(self, mult: int) -> None:
-        for i, p in enumerate(self.params):
+    def apply(self, mult: int, first: int | None = None) -> None:
+        """Add ``mult·εz`` to the parameters (only the ``first`` ones, when given)."""
+        for i, p in enumerate(self.params[:first]):
             v = _view(self.flat, p)
             if self.cache is not None:
                 v.add_(self.ez[i], alpha=mult)
@@ -344,8 +350,8 @@ class _PassState:
     active: frozenset[str] = frozenset()  # blocks this pass perturbs
     touched: set[str] = field(default_factory=set)  # blocks the pending update changed in this pass
     open: dict[str, torch.Tensor] = field(default_factory=dict)
-    shared_cache: dict = field(default_factory=dict)
-    shared_restored: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_cache: dict = field(default_factory=dict)  # (param_id, k) -> {sign: copy, or None: the block itself}
+    restore_at_close: dict[int, tuple[ParamSpec, int]] = field(default_factory=dict)
 
 
     def perturbs(self, b: str) -> bool:

@@ -180,3 +180,23 @@ def test_host_masters_serve_in_place_on_a_cpu_device(tiny_models, cfg_factory, s
     recs = [json.loads(ln) for ln in open(f"{cfg.output_dir}/metrics.jsonl")]
     moved = [r["bytes_read_host"] + r["bytes_written_host"] for r in recs]
     assert all(m == 0 for m in moved) if store == "float32" else all(m > 0 for m in moved)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_a_tied_weight_is_copied_2q_minus_1_times_per_step(tiny_models, cfg_factory, q):
+    """Embedding = lm_head: the first unit runs the chain in place; later units bind copies of the
+    values they need, the last θ-εz stays in place. (Bit-identity to MeZO: the tests above, tied.)"""
+    from ferrytune.engine import ZOTrainer
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    cfg = cfg_factory(path, data={"eval": None}, zo={"num_perturbations": q})
+    tr = ZOTrainer(cfg)
+    tr.setup()
+    try:
+        (tied,) = [p for p in tr.rt.layout.blocks["outer"].params if p.param_id in tr.engine._shared]
+        for step in range(2):
+            before = tr.engine.shared_copy_numel
+            tr.train_step(step)
+            assert tr.engine.shared_copy_numel - before == (2 * q - 1) * tied.numel
+    finally:
+        tr.close()
