@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch and kernel threads (1: the 2 cores are shared)")
     ap.add_argument("--no-full", action="store_true", help="skip the plain loop with full-sequence logits")
     ap.add_argument("--out", type=Path, default=BENCH_OUT / "zo_vs_mezo.json")
+    ap.add_argument("--zo", action="append", default=[], metavar="KEY=VALUE",
+                    help="a zo setting of ferrytune's side (repeatable), e.g. block_fraction=0.5, "
+                         "distribution=rademacher; the plain loop stays MeZO")
     a = ap.parse_args()
 
     set_threads(a.threads)
@@ -185,6 +188,15 @@ def main() -> None:
     data = make_data(work / "data.jsonl")
     cfg = zo_config(a.model, work / "run", "resident", data=data, batch=a.batch, max_length=a.seq,
                     store_dtype="float32")
+    if a.zo:
+        import yaml
+
+        from ferrytune.config import config_from_dict
+
+        d = cfg.to_dict()
+        d["zo"].update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.zo)})
+        cfg = config_from_dict(d, source="--zo")
+    log(f"ferrytune zo settings: {cfg.zo.model_dump()}")
     ft = ZOSession(cfg)
     log(f"ferrytune set up in {ft.setup_s:.1f}s\n{ft.plan.describe()}")
     plains = {"plain": PlainMeZO(a.model, eps=cfg.zo.eps, lr=cfg.train.lr, seed=0, full_logits=False)}
@@ -270,7 +282,7 @@ def main() -> None:
     print_table(["one pass over 134.5M params", "s", "G elem/s", "time vs randn+add_", "time vs add_"], rows,
                 title="perturbation pass alone (in-round ratios; kernel sweep: benchmarks/bench_perturb.py)")
 
-    write_json(a.out, {"benchmark": "zo_vs_mezo", "machine": minfo,
+    write_json(a.out, {"benchmark": "zo_vs_mezo", "machine": minfo, "zo": cfg.zo.model_dump(),
                        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                                     "numel": numel, "eps": cfg.zo.eps, "lr": cfg.train.lr,
                                     "tokens_per_pass": ft.records[-1]["tokens_per_pass"]},
