@@ -121,6 +121,7 @@ class ZOConfig(_Section):
     update: Literal["sgd", "sign"] = Field("sgd", description="sgd: p -= lr*g*z; sign: p -= lr*sign(g)*z")
     momentum: float = Field(0.0, ge=0, lt=1, description="momentum on the projected gradients g (0 = off)")
     trainable: Literal["all", "lora"] = Field("all", description="parameters zo perturbs: the whole model or only LoRA adapters")
+    mask_fraction: float = Field(1.0, gt=0, le=1, description="Sparse MeZO: perturb and update only the parameters of small magnitude, |w| <= the mask_fraction quantile of |w| per tensor in the run's initial weights (mask recomputed on arrival). 1 = every parameter")
     block_fraction: float = Field(1.0, gt=0, le=1, description="LeZO: fraction of blocks (the outer block and the layers) perturbed and updated per step, drawn from (train.seed, step); the others run unperturbed and are not written back. 1 = MeZO")
 
 
@@ -260,9 +261,10 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         ))
     if t.warmup_steps > t.steps:
         problems.append(("train.warmup_steps", f"must be <= train.steps (got {t.warmup_steps}, steps {t.steps})"))
-    if cfg.method == "zo" and cfg.zo.trainable == "lora" and cfg.zo.block_fraction < 1:
-        problems.append(("zo.block_fraction", "applies to zo.trainable: all (the streamed blocks); set it to 1 with "
-                                              "zo.trainable: lora"))
+    for key in ("block_fraction", "mask_fraction"):
+        if cfg.method == "zo" and cfg.zo.trainable == "lora" and getattr(cfg.zo, key) < 1:
+            problems.append((f"zo.{key}", "applies to zo.trainable: all (the streamed blocks); set it to 1 with "
+                                          "zo.trainable: lora"))
     if cfg.offload.tier == "nvme" and not cfg.offload.nvme_dir:
         problems.append(("offload.nvme_dir", "required when offload.tier is 'nvme' (set it to a directory on a fast local disk)"))
     if cfg.parallel.backend == "nccl" and cfg.device != "cuda":

@@ -27,6 +27,12 @@ With ``zo.block_fraction < 1`` (LeZO, Wang et al. 2024) a step perturbs and upda
 blocks ``active_blocks(seed, step)`` draws; the others run every stream unperturbed and, when
 no pending update touches them either, are released clean: no write-back, no z work.
 
+With ``zo.mask_fraction < 1`` (Sparse MeZO, Liu et al. 2024) z is masked to the parameters of
+small magnitude: ``m = |θ| <= h_p``, with ``h_p`` the ``mask_fraction`` quantile of ``|θ_p|`` in the
+run's initial weights (``thresholds``, kept in the checkpoint). m is taken from the weights at the
+start of each perturbation's chain, and again when the update is applied: it is recomputed on
+arrival, never stored (a bitmask per block would have to be streamed like momentum).
+
 A tied weight (embedding = lm_head) is used by two units. The first unit runs its chain in place
 like its own parameters and keeps a copy of each perturbed value a later unit will need; the
 later units bind those copies, and the last ``θ-εz`` stays in place until the block closes, when
@@ -44,7 +50,7 @@ import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
 from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, zo_update_
-from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
+from ferrytune.kernels import PerturbKey, add_perturbation_, perturbation, stochastic_round_
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
 
@@ -90,6 +96,7 @@ class ZOEngine:
         self._shared = {pid for pid, us in units_of.items() if len(us) > 1}
         self._blocks = [OUTER] + layout.layer_blocks
         self._active: tuple[int, frozenset[str]] | None = None
+        self.thresholds: dict[int, float] | None = None  # Sparse MeZO: param_id -> h_p (see module docstring)
         self.shared_copy_numel = 0  # elements of tied weights copied so far (q = 1: one copy per step)
         self._pass: _PassState | None = None
         # εz of the unit computing, generated once and added three times (+1, -2, +1) instead of
@@ -178,8 +185,9 @@ class ZOEngine:
                 for p in self.layout.blocks[b].params:
                     v = _view(flat, p)
                     for k in range(self.h.num_perturbations):
+                        mask = self._mask(v, p)
                         for mult in CHAIN:
-                            self._perturb(v, step, k, p, mult * self.h.eps)
+                            self._perturb(v, step, k, p, mult * self.h.eps, mask)
             self.streamer.release(b, dirty=touched)
         self.streamer.finish_pass()
         if momentum:
@@ -212,7 +220,8 @@ class ZOEngine:
         for p in self.layout.blocks[b].params:
             pending = self._pass.restore_at_close.pop(p.param_id, None)
             if pending is not None:  # the chain's last +εz of a shared value (see _call_unit)
-                self._perturb(_view(flat, p), self._pass.step, pending[1], p, CHAIN[2] * self.h.eps)
+                _, k, mask = pending
+                self._perturb(_view(flat, p), self._pass.step, k, p, CHAIN[2] * self.h.eps, mask)
             bind(p, None)
         ps = self._pass
         self.streamer.release(b, dirty=ps.dirty and (b in ps.touched or ps.perturbs(b)))
@@ -259,7 +268,8 @@ class ZOEngine:
                             a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
                 if last_k:  # the shared values' final +εz waits for the block's close (later units read θ-εz)
-                    ps.restore_at_close.update((p.param_id, (p, k)) for p in first)
+                    ps.restore_at_close.update((p.param_id, (p, k, chain.masks[len(own) + i]))
+                                               for i, p in enumerate(first))
                 chain.apply(CHAIN[2], first=len(own) if last_k else None)
             for p in shared:
                 bind(p, _view(flat, p))
@@ -284,9 +294,21 @@ class ZOEngine:
             self._zc = torch.empty(numel, dtype=torch.float32, device=self.device)
         return self._zc[:numel]
 
-    def _perturb(self, v: torch.Tensor, step: int, k: int, p: ParamSpec, alpha: float) -> None:
-        """``v += alpha * z_k`` with z regenerated in the same fused pass (no z buffer is kept)."""
-        add_perturbation_(v, PerturbKey(self.h.seed, step, k, p.param_id), alpha=alpha, dist=self.h.distribution)
+    def _perturb(self, v: torch.Tensor, step: int, k: int, p: ParamSpec, alpha: float,
+                 mask: torch.Tensor | None = None) -> None:
+        """``v += alpha * z_k`` with z regenerated in the same fused pass (no z buffer is kept);
+        with a 0/1 ``mask``: ``v += fl(alpha * z_k) * mask`` (z materialised)."""
+        key = PerturbKey(self.h.seed, step, k, p.param_id)
+        if mask is None:
+            add_perturbation_(v, key, alpha=alpha, dist=self.h.distribution)
+        else:
+            v.add_(perturbation(key, v.shape, dist=self.h.distribution, device=v.device).mul_(alpha).mul_(mask))
+
+    def _mask(self, v: torch.Tensor, p: ParamSpec) -> torch.Tensor | None:
+        """Sparse MeZO's mask of ``v`` (1 where ``|v| <= h_p``), or None when z is not masked."""
+        if self.thresholds is None:
+            return None
+        return (v.abs() <= self.thresholds[p.param_id]).to(v.dtype)
 
     # ------------------------------------------------------------ the update
     def _apply_update(self, b: str, flat: torch.Tensor) -> None:
@@ -297,7 +319,9 @@ class ZOEngine:
             mom = self.state_streamer.acquire(b)
         for p in self.layout.blocks[b].params:
             v = _view(flat, p)
-            zo_update_(v, lambda t, k, a, p=p: self._perturb(t, upd.step, k, p, a), upd.grads, lr=upd.lr, hyper=h,
+            mask = self._mask(v, p)
+            zo_update_(v, lambda t, k, a, p=p, m=mask: self._perturb(t, upd.step, k, p, a, m), upd.grads, lr=upd.lr,
+                       hyper=h,
                        momentum=None if mom is None else _view(mom, p))
             if self.store_dtype != torch.float32:
                 # bf16 masters: round stochastically so updates far below one ulp survive in expectation.
@@ -319,6 +343,7 @@ class _Chain:
 
     def __init__(self, engine: "ZOEngine", flat: torch.Tensor, params: list[ParamSpec], step: int, k: int):
         self.e, self.flat, self.params, self.step, self.k = engine, flat, params, step, k
+        self.masks = [engine._mask(_view(flat, p), p) for p in params]  # from the weights before the chain
         self.cache = engine._z_cache(sum(p.numel for p in params))
         if self.cache is not None:
             off = 0
@@ -327,6 +352,8 @@ class _Chain:
                 ez = self.cache[off: off + p.numel].view(p.shape).zero_()
                 add_perturbation_(ez, PerturbKey(engine.h.seed, step, k, p.param_id), alpha=engine.h.eps,
                                   dist=engine.h.distribution)  # 0 + fl(ε·z) = fl(ε·z) exactly
+                if self.masks[len(self.ez)] is not None:
+                    ez.mul_(self.masks[len(self.ez)])
                 self.ez.append(ez)
                 off += p.numel
 
@@ -337,7 +364,7 @@ class _Chain:
             if self.cache is not None:
                 v.add_(self.ez[i], alpha=mult)
             else:
-                self.e._perturb(v, self.step, self.k, p, mult * self.e.h.eps)
+                self.e._perturb(v, self.step, self.k, p, mult * self.e.h.eps, self.masks[i])
 
 
 @dataclass
@@ -351,7 +378,7 @@ class _PassState:
     touched: set[str] = field(default_factory=set)  # blocks the pending update changed in this pass
     open: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_cache: dict = field(default_factory=dict)  # (param_id, k) -> {sign: copy, or None: the block itself}
-    restore_at_close: dict[int, tuple[ParamSpec, int]] = field(default_factory=dict)
+    restore_at_close: dict[int, tuple[ParamSpec, int, torch.Tensor | None]] = field(default_factory=dict)
 
 
     def perturbs(self, b: str) -> bool:

@@ -31,13 +31,22 @@ class ZOHyper:
     weight_decay: float
     seed: int
     block_fraction: float = 1.0
+    mask_fraction: float = 1.0
 
     @classmethod
     def from_config(cls, zo, train) -> "ZOHyper":
         """From the ``zo`` and ``train`` sections of a config."""
         return cls(eps=zo.eps, num_perturbations=zo.num_perturbations, distribution=zo.distribution,
                    update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed,
-                   block_fraction=zo.block_fraction)
+                   block_fraction=zo.block_fraction, mask_fraction=zo.mask_fraction)
+
+
+def mask_thresholds(values: torch.Tensor, fraction: float) -> float:
+    """Sparse MeZO's ``h``: the ``fraction`` quantile of ``|values|`` (the k-th smallest, k = round(fraction·n),
+    at least 1), so ``|v| <= h`` selects about that fraction of the tensor's elements."""
+    flat = values.detach().reshape(-1).abs().float()
+    k = max(1, min(flat.numel(), round(fraction * flat.numel())))
+    return float(flat.kthvalue(k).values)
 
 
 def active_blocks(blocks: Sequence[str], *, seed: int, step: int, fraction: float) -> frozenset[str]:

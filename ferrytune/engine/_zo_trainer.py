@@ -24,7 +24,7 @@ from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine
-from ferrytune.engine._zo_math import ZOHyper
+from ferrytune.engine._zo_math import ZOHyper, mask_thresholds
 from ferrytune.errors import CheckpointError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
@@ -107,9 +107,29 @@ class ZOTrainer(StepLoop):
         hyper = ZOHyper.from_config(cfg.zo, cfg.train)
         self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
                                store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
+        if hyper.mask_fraction < 1:
+            self.engine.thresholds = self._mask_thresholds(hyper.mask_fraction)
         self._setup_data()
         if mesh.is_main and not self.read_only:
             self._trim_log()
+
+    def _mask_thresholds(self, fraction: float) -> dict[int, float]:
+        """Sparse MeZO's h_p per parameter: from the run's initial weights (a resumed run reads them from
+        its checkpoint; a replay starts from the initial weights, so it computes the same ones)."""
+        if self.ckpt is not None:
+            from ferrytune.engine._checkpoint import read_state
+            saved = read_state(self.ckpt).get("zo_mask_thresholds")
+            if saved is None:
+                raise CheckpointError(f"{self.ckpt}: has no zo_mask_thresholds (saved without zo.mask_fraction); "
+                                      "resume it with the zo settings it was trained with")
+            return {int(k): float(v) for k, v in saved.items()}
+        rt, out = self.rt, {}
+        flat = torch.empty(max(s.numel for s in rt.layout.blocks.values()), dtype=rt.store_dtype)
+        for b, spec in rt.layout.blocks.items():  # every rank, in the same order (sliced reads are collective)
+            rt.streamer.read_master(b, flat[:spec.numel])
+            for p in spec.params:
+                out[p.param_id] = mask_thresholds(flat[p.offset:p.offset + p.numel], fraction)
+        return out
 
     def _momentum_init(self, path: Path | None):
         layout = self.rt.layout
@@ -252,6 +272,8 @@ class ZOTrainer(StepLoop):
                 save_file(tensors, str(tmp / "zo_momentum.safetensors"))
 
         state = {"method": "zo", "step": step, "seed": self.cfg.train.seed, "world_size": self.mesh.world_size}
+        if self.engine.thresholds is not None:
+            state["zo_mask_thresholds"] = {str(k): v for k, v in self.engine.thresholds.items()}
         save_model_folder(dest, rt.layout, model_path=Path(self.cfg.model.path), store_dtype=rt.store_dtype,
                           read_block=rt.streamer.read_master, state=state, extra=extra)
         logger.info("saved %s", dest)

@@ -147,7 +147,8 @@ def test_replay_of_the_log_reproduces_the_run(tiny_models, cfg_factory, zo):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_z_cache_is_a_pure_speed_knob(tiny_models, cfg_factory, monkeypatch):
+@pytest.mark.parametrize("zo_opts", [{}, {"mask_fraction": 0.3}])
+def test_z_cache_is_a_pure_speed_knob(tiny_models, cfg_factory, monkeypatch, zo_opts):
     """εz generated once and added with multipliers 1, -2, 1 = the fused kernel three times, bit for bit."""
     import ferrytune.engine._zo as zo
 
@@ -155,7 +156,7 @@ def test_z_cache_is_a_pure_speed_knob(tiny_models, cfg_factory, monkeypatch):
     results = []
     for numel in (64 * 2**20, 0):  # cache every unit / no unit
         monkeypatch.setattr(zo.ZOEngine.__init__, "__kwdefaults__", {"state_streamer": None, "z_cache_numel": numel})
-        cfg = cfg_factory(path, data={"eval": None}, zo={"distribution": "gaussian"})
+        cfg = cfg_factory(path, data={"eval": None}, zo={"distribution": "gaussian", **zo_opts})
         run(cfg, progress=False)
         results.append(_final_weights(cfg))
     a, b = results
