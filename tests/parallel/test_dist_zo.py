@@ -71,10 +71,11 @@ def test_2d_four_ranks_equals_single_process(model, tmp_path):
 
 
 @pytest.mark.parametrize("parallel", [{"perturbation": 2}, {"data": 2}], ids=["pertp", "dp"])
-def test_block_sparse_zo_two_ranks_equals_single_process(model, tmp_path, parallel):
-    # zo.block_fraction: every rank draws the same blocks from (seed, step), so PertP and DP still
-    # hold the single process's weights bit for bit.
-    zo = {"block_fraction": 0.5}
+def test_sparse_zo_two_ranks_equals_single_process(model, tmp_path, parallel):
+    # zo.block_fraction: every rank draws the same blocks from (seed, step); zo.mask_fraction: every rank
+    # takes the same thresholds from the same initial weights. PertP and DP still hold the single
+    # process's weights bit for bit.
+    zo = {"block_fraction": 0.5, "mask_fraction": 0.5}
     ref = config_dict(model, tmp_path / "ref", zo=zo)
     run_single(ref)
     d = config_dict(model, tmp_path / "dist", zo=zo, parallel={**parallel, **CHECK})
