@@ -26,6 +26,7 @@ import torch
 from ferrytune.data import collate, correct_per_sample, eval_batches
 from ferrytune.data import loss_per_sample
 from ferrytune.atomic import fsync_dir, write_atomic_json
+from ferrytune.engine._activations import lora_activation_estimate
 from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
@@ -60,7 +61,8 @@ class LoraTrainer(StepLoop):
             raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         self._resolve_resume("lora")
-        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir())
+        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir(),
+                                activation_estimate=self._activation_estimate())
         rt = self.rt
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
@@ -77,6 +79,10 @@ class LoraTrainer(StepLoop):
         self.params = [p for p in self.adapter.parameters()]
         self._setup_training()
         self._setup_data()
+
+    def _activation_estimate(self):
+        """What one layer keeps for backward (the planner keeps or recomputes per layer from it)."""
+        return lora_activation_estimate(self.cfg)
 
     def _setup_training(self) -> None:
         """The hooks and optimizer of backprop LoRA (``ZOLoraTrainer`` sets up its own instead)."""
