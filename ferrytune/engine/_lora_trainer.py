@@ -1,7 +1,8 @@
 """``method: lora`` — backprop LoRA with the frozen base streamed from the tiers.
 
 Per step: for each of this rank's micro-batches, a streamed forward (blocks in
-order) and a checkpointed backward (blocks in reverse, recomputed); the loss of
+order) and a backward (blocks fetched again in reverse; each layer's activations kept
+or, where the plan says so, recomputed); the loss of
 a micro-batch is the sum of its per-sample losses over the *global* batch size,
 so summing gradients over micro-batches and ranks gives the gradient of the
 global mean. Ranks all-reduce the (small) LoRA gradients once per step — the
