@@ -162,6 +162,7 @@ class OffloadConfig(_Section):
     host_budget_gib: float = Field(4.0, gt=0, description="host memory for block buffers, GiB")
     device_budget_gib: float | None = Field(None, gt=0, description="device memory for blocks, GiB; blocks that fit beyond the working set stay resident; null: no limit (resident) / stream every layer (host, nvme)")
     prefetch_depth: int = Field(2, ge=1, description="blocks fetched ahead of the one computing (at least 1)")
+    activation_budget_gib: float | None = Field(None, ge=0, description="device memory for the activations LoRA's backward keeps, GiB; layers whose estimated activations do not fit recompute them in backward; null: what device_budget_gib leaves after blocks and ring (no limit without it); 0: recompute every layer")
     io_threads: int = Field(8, gt=0, description="threads issuing NVMe reads and writes")
     io_backend: Literal["threads", "deepspeed_aio", "auto"] = Field("threads", description="NVMe IO engine: threads (preadv/pwritev pool), deepspeed_aio (DeepSpeed's libaio handle; io_threads = its parallelism), auto (deepspeed_aio when its op loads, else threads)")
     verify_checksums: bool = Field(True, description="verify each block record's checksum (xxh3_64, or crc32 without xxhash) on read")

@@ -4,12 +4,15 @@
   ``build_base_runtime`` for a read-only base without a training config;
 * ``ZOEngine`` (``_zo.py``): the ZO2-style pass (both perturbed forwards while a block is on
   the device), over the arithmetic of ``_zo_math.py``; ``FOEngine`` (``_fo.py``): a streamed
-  forward and a checkpointed backward;
+  forward and a backward that keeps each layer's activations or recomputes them, as the plan
+  says; ``layer_activation_bytes`` / ``lora_activation_estimate`` (``_activations.py``): the
+  planner's activation estimate;
 * trainers on one step loop (``StepLoop``, ``_loop.py``): ``ZOTrainer``, ``LoraTrainer``,
   ``ZOLoraTrainer`` (MeZO on the adapter), and ``MultiLoraTrainer`` (packed jobs, the service's);
 * checkpoints (``_checkpoint.py``), metrics (``_metrics.py``), schedules (``_schedule.py``).
 """
 
+from ferrytune.engine._activations import layer_activation_bytes, lora_activation_estimate
 from ferrytune.engine._checkpoint import STATE_NAME, list_checkpoints, read_state
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import RUN_FILES, StepLoop, StepResult, TrainResult
@@ -33,6 +36,7 @@ def trainer_class(cfg) -> type:
 __all__ = [
     "CHAIN", "CHECKPOINT_NAME", "FOEngine", "LoraTrainer", "MultiLoraTrainer", "Packer", "RUN_FILES", "Runtime",
     "STATE_NAME", "StepLoop", "StepResult", "TrainResult", "ZOEngine", "ZOHyper", "ZOLoraTrainer", "ZOTrainer",
-    "active_blocks", "build_base_runtime", "build_runtime", "check_device", "list_checkpoints", "lr_at", "read_state",
+    "active_blocks", "build_base_runtime", "build_runtime", "check_device", "layer_activation_bytes",
+    "list_checkpoints", "lora_activation_estimate", "lr_at", "read_state",
     "trainer_class", "weights_from", "zo_update_",
 ]

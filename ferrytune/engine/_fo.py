@@ -1,16 +1,27 @@
 """First-order passes over a streamed, frozen base: forward in order, backward in reverse.
 
-Each decoder layer runs inside :class:`_StreamedLayer`, an autograd function in
-the spirit of reentrant activation checkpointing (Chen et al., 2016): the
-forward runs the layer without autograd and keeps only its input; the backward
-fetches the block again — the streamer prefetches in reverse order — recomputes
-the layer with autograd on, back-propagates through it and releases the block.
-So a block's weights are on the device only while that layer computes, and the
-base is never written (blocks are released clean).
+The plan (``Plan.keep``) says, per decoder layer, whether backward keeps its activations or
+recomputes them; either way a block's weights are on the device only while that layer
+computes, and the base is never written (blocks are released clean).
 
-The adapters (``ferrytune.lora`` forward hooks) run inside the recompute and
-receive their gradients there. The CPU (and CUDA) RNG state is saved at forward
-and restored for the recompute, so dropout masks are identical.
+* **kept** (:class:`_KeptLayer`, ZeRO-Infinity's scheme): the layer runs once, with autograd
+  on, and its graph is kept. Every tensor autograd saves that aliases the block's working
+  buffer (a frozen weight, saved for the input-gradient of a linear) leaves the saved tensors
+  as a :class:`WeightRef` — (block, offset, shape, stride) — through
+  ``torch.autograd.graph.saved_tensors_hooks``; the slot is free for the next block at once.
+  In backward the streamer has fetched the block again (reverse order), the references are
+  unpacked as views of that fresh working copy, the layer's graph is back-propagated, and the
+  block is released. One forward per layer per micro-batch.
+* **recomputed** (:class:`_StreamedLayer`, reentrant checkpointing, Chen et al. 2016): the
+  forward runs without autograd and keeps only the layer's input; backward fetches the block
+  again, recomputes the layer with autograd on (RNG state restored, so dropout masks are
+  identical), back-propagates and releases. The planner picks this where the kept activations
+  would exceed ``offload.activation_budget_gib``.
+* Kept layers whose weights never move (device home, no working copy) run under plain
+  autograd, as PEFT does, and are not fetched again.
+
+The adapters (``ferrytune.lora`` forward hooks) run inside the layer and receive their
+gradients in its backward.
 
 The outer block (embedding, final norm, head) is held from the first forward of
 a step to the end of its last backward: autograd needs the head's weight for the
@@ -19,9 +30,12 @@ backward of the logits.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, NamedTuple
 
 import torch
+
+from ferrytune.errors import FerrytuneError
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
@@ -29,18 +43,29 @@ from ferrytune.offload import BlockStreamer
 
 
 def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,
-               recompute: set[str] | None = None) -> list[str]:
+               refetch: set[str] | None = None) -> list[str]:
     """Visiting order of a step: outer once, then per micro-batch the layers forward and, for
-    backward, the recomputed ones (``recompute``; default all) in reverse."""
+    backward, the ones fetched again (``refetch``; default all) in reverse."""
     layers = layout.layer_blocks
-    again = [b for b in layers[::-1] if recompute is None or b in recompute] if backward else []
+    again = [b for b in layers[::-1] if refetch is None or b in refetch] if backward else []
     return [OUTER] + (layers + again) * num_micro
 
 
-class FOEngine:
-    """Runs the HF model with every layer streamed and checkpointed."""
+class WeightRef(NamedTuple):
+    """A saved tensor that aliased a block's working buffer: unpacked from the copy fetched for backward."""
 
-    def __init__(self, layout: ModelLayout, streamer: BlockStreamer, *, device: torch.device) -> None:
+    block: str
+    offset: int  # elements from the start of the block's flat working tensor
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class FOEngine:
+    """Runs the HF model with every layer streamed; backward keeps or recomputes each layer as
+    ``keep`` says (default: the plan's ``keep``, else every layer)."""
+
+    def __init__(self, layout: ModelLayout, streamer: BlockStreamer, *, device: torch.device,
+                 keep: set[str] | None = None) -> None:
         self.layout = layout
         self.streamer = streamer
         self.device = torch.device(device)
@@ -52,14 +77,25 @@ class FOEngine:
         # inside ``chunk_context(i)`` (zo on LoRA: one perturbed adapter per slice).
         self.chunk_rows: int | None = None
         self.chunk_context: Callable[[int], Any] | None = None
-        # Layers whose weights stay put (device home, no working copy: the resident tier on CPU)
-        # run under plain autograd like PEFT; only blocks that move are checkpointed and fetched
-        # again for a recomputing backward.
-        self.recompute = {b for b in layout.layer_blocks if not streamer.stays_resident(b)}
+        if keep is None:
+            planned = getattr(streamer.plan, "keep", None)
+            keep = set(layout.layer_blocks) if planned is None else set(planned)
+        layers = layout.layer_blocks
+        self.recompute = {b for b in layers if b not in keep}
+        # Kept layers whose weights stay put (device home, no working copy: the resident tier on
+        # CPU) run under plain autograd like PEFT; every other layer is fetched again in backward.
+        self.plain = {b for b in layers if b in keep and streamer.stays_resident(b)}
+        self.refetch = {b for b in layers if b not in self.plain}
+        # Counters (cumulative; tests and metrics take deltas): forwards run per layer block
+        # (recomputes included), weights saved by reference, bytes of saved activations kept.
+        self.layer_forwards: Counter[str] = Counter()
+        self.weight_refs = 0
+        self.kept_bytes = 0
+        self._held: dict[str, torch.Tensor] = {}  # block -> working copy fetched for a kept backward
 
     # --------------------------------------------------------------- passes
     def begin_step(self, num_micro: int, *, backward: bool = True) -> None:
-        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, recompute=self.recompute))
+        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch))
         self._outer = self.streamer.acquire(OUTER)
         _bind_block(self.layout, OUTER, self._outer)
 
@@ -86,9 +122,10 @@ class FOEngine:
             return self._run_no_grad(unit, orig, args, kwargs)
         if unit.block_id == OUTER:
             return orig(*args, **kwargs)
-        if unit.block_id not in self.recompute:  # resident weights: autograd keeps what it needs
+        if unit.block_id in self.plain:  # resident weights: autograd keeps what it needs
             _bind_block(self.layout, unit.block_id, self.streamer.acquire(unit.block_id))
             try:
+                self.layer_forwards[unit.block_id] += 1
                 return orig(*args, **kwargs)
             finally:
                 _bind_block(self.layout, unit.block_id, None)
@@ -98,6 +135,8 @@ class FOEngine:
             # The first layer's input comes from a frozen embedding; the adapters inside still
             # need a graph, so hand the function a leaf that requires grad (its grad is dropped).
             hidden = hidden.detach().requires_grad_(True)
+        if unit.block_id not in self.recompute:
+            return self._run_kept(unit, orig, hidden, rest, kwargs)
         box: dict[str, Any] = {}
         main = _StreamedLayer.apply(self, unit, orig, rest, kwargs, box, hidden)
         extra = box.get("extra")
@@ -107,6 +146,7 @@ class FOEngine:
         layer = unit.block_id != OUTER
         if layer:
             _bind_block(self.layout, unit.block_id, self.streamer.acquire(unit.block_id))
+            self.layer_forwards[unit.block_id] += 1
         try:
             if self.chunk_rows is None:
                 return orig(*args, **kwargs)
@@ -122,16 +162,95 @@ class FOEngine:
                 _bind_block(self.layout, unit.block_id, None)
                 self.streamer.release(unit.block_id, dirty=False)
 
-    def run_layer(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
+    def run_layer(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict,
+                  hooks: Callable[[torch.Tensor], Any] | None = None) -> Any:
+        """Acquire the layer's block, bind it, run the layer (inside ``hooks(flat)``, a context)."""
         flat = self.streamer.acquire(unit.block_id)
         _bind_block(self.layout, unit.block_id, flat)
         try:
-            return orig(hidden, *rest, **kwargs)
+            self.layer_forwards[unit.block_id] += 1
+            if hooks is None:
+                return orig(hidden, *rest, **kwargs)
+            with hooks(flat):
+                return orig(hidden, *rest, **kwargs)
         finally:
             _bind_block(self.layout, unit.block_id, None)
 
+    # ------------------------------------------------------- kept layers
+    def _run_kept(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
+        b = unit.block_id
+        h = hidden.detach().requires_grad_(True)  # the layer's own graph starts here
+        out = self.run_layer(unit, orig, h, rest, kwargs, hooks=lambda flat: self._saving(b, flat))
+        self.streamer.release(b, dirty=False)  # the slot serves the next block now
+        main, extra = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
+        state = _KeptState(self, b, h, main)
+        out_main = _KeptLayer.apply(state, hidden)
+        return out_main if extra is None else (out_main, *extra)
+
+    def _saving(self, block: str, flat: torch.Tensor):
+        """saved_tensors_hooks for one kept layer's forward: tensors in ``flat``'s memory leave as references."""
+        storage = flat.untyped_storage().data_ptr()
+        base, n = flat.storage_offset(), flat.numel()
+        seen: set[int] = set()  # storages already counted (autograd saves one input for several ops)
+
+        def pack(t: torch.Tensor):
+            if t.device == flat.device and t.numel() > 0 and t.untyped_storage().data_ptr() == storage:
+                off = t.storage_offset() - base
+                if t.dtype != flat.dtype or not 0 <= off < n:
+                    raise FerrytuneError(f"FOEngine: autograd saved a tensor aliasing block {block}'s slot that is "
+                                         f"not a view of its weights (dtype {t.dtype}, offset {off}); report this")
+                self.weight_refs += 1
+                return WeightRef(block, off, tuple(t.shape), tuple(t.stride()))
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                self.kept_bytes += t.untyped_storage().nbytes()
+            return t
+
+        def unpack(x):
+            if not isinstance(x, WeightRef):
+                return x
+            flat_now = self._held.get(x.block)
+            if flat_now is None:
+                raise FerrytuneError(f"FOEngine: backward needs block {x.block}'s weights outside its layer's "
+                                     "backward (a graph edge skips the layer boundary); report this")
+            return flat_now.as_strided(x.size, x.stride, flat_now.storage_offset() + x.offset)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
     def close(self) -> None:
         self.interceptor.uninstall()
+
+
+class _KeptState:
+    """One kept layer's graph between its forward and backward (freed by the backward)."""
+
+    def __init__(self, engine: FOEngine, block: str, leaf: torch.Tensor, out: torch.Tensor) -> None:
+        self.engine, self.block, self.leaf, self.out = engine, block, leaf, out
+
+
+class _KeptLayer(torch.autograd.Function):
+    """Joins a kept layer's own graph (leaf ``state.leaf`` -> ``state.out``) to the model's."""
+
+    @staticmethod
+    def forward(ctx, state: _KeptState, hidden: torch.Tensor) -> torch.Tensor:
+        ctx.state = state
+        return state.out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        state, ctx.state = ctx.state, None
+        if state is None:
+            raise FerrytuneError("FOEngine: a kept layer's backward ran twice (retain_graph is not supported)")
+        engine = state.engine
+        engine._held[state.block] = engine.streamer.acquire(state.block)
+        try:
+            if state.out.requires_grad:
+                torch.autograd.backward(state.out, grad_out)
+        finally:
+            del engine._held[state.block]
+            engine.streamer.release(state.block, dirty=False)
+        return None, state.leaf.grad
 
 
 class _StreamedLayer(torch.autograd.Function):

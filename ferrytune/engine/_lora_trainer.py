@@ -1,7 +1,8 @@
 """``method: lora`` — backprop LoRA with the frozen base streamed from the tiers.
 
 Per step: for each of this rank's micro-batches, a streamed forward (blocks in
-order) and a checkpointed backward (blocks in reverse, recomputed); the loss of
+order) and a backward (blocks fetched again in reverse; each layer's activations kept
+or, where the plan says so, recomputed); the loss of
 a micro-batch is the sum of its per-sample losses over the *global* batch size,
 so summing gradients over micro-batches and ranks gives the gradient of the
 global mean. Ranks all-reduce the (small) LoRA gradients once per step — the
@@ -26,6 +27,7 @@ import torch
 from ferrytune.data import collate, correct_per_sample, eval_batches
 from ferrytune.data import loss_per_sample
 from ferrytune.atomic import fsync_dir, write_atomic_json
+from ferrytune.engine._activations import lora_activation_estimate
 from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
@@ -60,7 +62,8 @@ class LoraTrainer(StepLoop):
             raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         self._resolve_resume("lora")
-        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir())
+        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir(),
+                                activation_estimate=self._activation_estimate())
         rt = self.rt
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
@@ -77,6 +80,10 @@ class LoraTrainer(StepLoop):
         self.params = [p for p in self.adapter.parameters()]
         self._setup_training()
         self._setup_data()
+
+    def _activation_estimate(self):
+        """What one layer keeps for backward (the planner keeps or recomputes per layer from it)."""
+        return lora_activation_estimate(self.cfg)
 
     def _setup_training(self) -> None:
         """The hooks and optimizer of backprop LoRA (``ZOLoraTrainer`` sets up its own instead)."""

@@ -277,7 +277,7 @@ class MultiLoraTrainer:
         return sums
 
     def _packed_loss_backward(self, segments, batches, input_ids, attention_mask, active, sums) -> dict[int, float]:
-        with self.router.route(segments):  # open through backward: recompute needs the routing
+        with self.router.route(segments):  # open through backward: a recomputed layer needs the routing
             hidden = self._forward_hidden(input_ids, attention_mask)  # (B, T, C)
             loss = hidden.new_zeros((), dtype=torch.float32)
             for a, row0, batch in batches:

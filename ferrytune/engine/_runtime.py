@@ -45,14 +45,16 @@ def resolve_dtypes(model: ModelConfig, layout: ModelLayout) -> tuple[torch.dtype
 
 
 def plan_for(off: OffloadConfig, layout: ModelLayout, *, compute: torch.dtype, store: torch.dtype,
-             device: torch.device, tier: str | None = None) -> Plan:
+             device: torch.device, tier: str | None = None, activation_bytes: int | None = None) -> Plan:
     es, ec = _esize(store), _esize(compute)
     sizes = {b: BlockSize(s.numel * es, s.numel * ec) for b, s in layout.blocks.items()}
     return make_plan(
         sizes, outer_block=OUTER, tier=tier or off.tier, prefetch_depth=off.prefetch_depth,
         device_budget_bytes=None if off.device_budget_gib is None else int(off.device_budget_gib * GIB),
         host_budget_bytes=int(off.host_budget_gib * GIB),
-        zero_copy=store == compute and (device.type == "cpu" or (tier or off.tier) == "resident"))
+        zero_copy=store == compute and (device.type == "cpu" or (tier or off.tier) == "resident"),
+        activation_bytes_per_layer=activation_bytes,
+        activation_budget_bytes=None if off.activation_budget_gib is None else int(off.activation_budget_gib * GIB))
 
 
 def build_base_runtime(model_path: str, offload: OffloadConfig, *, device: str = "cpu",
@@ -63,8 +65,12 @@ def build_base_runtime(model_path: str, offload: OffloadConfig, *, device: str =
 
 
 def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nvme_subdir: str | None = None,
-                  tier: str | None = None, store_dtype: torch.dtype | None = None, sliced_over=None) -> Runtime:
+                  tier: str | None = None, store_dtype: torch.dtype | None = None, sliced_over=None,
+                  activation_estimate: Callable[[ModelLayout, torch.dtype], int] | None = None) -> Runtime:
     """Layout + plan + an unopened streamer for ``model`` placed by ``offload`` (no weights read yet).
+
+    ``activation_estimate(layout, compute_dtype)``: bytes one layer keeps for backward per
+    micro-batch (a backward's trainer passes it; the planner then keeps or recomputes per layer).
 
     ``sliced_over``: a distributed ``Mesh`` whose ranks each keep 1/N of every host/NVMe block
     (``parallel.sliced_loading``); collective when given."""
@@ -72,7 +78,8 @@ def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nv
     compute, store = resolve_dtypes(model, layout)
     store = store_dtype or store
     device = torch.device(device)
-    plan = plan_for(offload, layout, compute=compute, store=store, device=device, tier=tier)
+    act = None if activation_estimate is None else activation_estimate(layout, compute)
+    plan = plan_for(offload, layout, compute=compute, store=store, device=device, tier=tier, activation_bytes=act)
     nvme_dir = offload.nvme_dir
     if nvme_dir and nvme_subdir:
         nvme_dir = str(Path(nvme_dir) / nvme_subdir)

@@ -37,6 +37,9 @@ class ZOLoraTrainer(LoraTrainer):
     """Shares the runtime, adapter, evaluation and checkpoints with :class:`LoraTrainer`; its own
     training state (stream adapters and their hooks, momentum; no AdamW) and step."""
 
+    def _activation_estimate(self):
+        return None  # no backward: nothing is kept
+
     def _setup_training(self) -> None:
         self.rt.layout.model.eval()  # ZO runs without dropout, like MeZO
         # The trained adapter is not run directly: per-stream copies of it are, perturbed.

@@ -13,6 +13,13 @@ what must be in memory at once whatever the model size:
 Blocks are placed on the device while its budget has room beyond the working
 set (only when a device budget is given; without one, ``host``/``nvme`` stream
 every layer), and the rest go to ``offload.tier``.
+
+For a backward (first-order LoRA) the planner also decides, per layer, whether the
+activations autograd saves are **kept** until backward or **recomputed** there: layers keep
+theirs, earliest first, while the estimate (``activation_bytes_per_layer``, one micro-batch)
+fits the activation budget — ``offload.activation_budget_gib``, by default what the device
+budget leaves after the blocks and the ring (no limit without a device budget); the rest
+recompute.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ class Plan:
     staging_buffers: int
     staging_buffer_bytes: int
     notes: list[str] = field(default_factory=list)
+    # Backward: layers whose activations are kept (the rest recompute); None = every layer.
+    keep: list[str] | None = None
+    activation_bytes_per_layer: int | None = None  # the estimate for one micro-batch; None = not estimated
+    activation_budget_bytes: int | None = None  # None = no limit
 
     def count(self, tier: Tier) -> int:
         return sum(1 for t in self.home.values() if t == tier)
@@ -66,7 +77,23 @@ class Plan:
             f"estimated device memory {self.device_bytes / GIB:.3f} GiB, host memory {self.host_bytes / GIB:.3f} GiB "
             "(parameters and buffers; activations not included)",
         ]
+        if self.keep is not None or self.activation_bytes_per_layer is not None:
+            lines.append(self._describe_activations())
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def _describe_activations(self) -> str:
+        layers = [b for b in self.home if b != self.outer_block]
+        keep = layers if self.keep is None else self.keep
+        recompute = [b for b in layers if b not in keep]
+        budget = "no limit" if self.activation_budget_bytes is None else f"{self.activation_budget_bytes / GIB:.3f} GiB"
+        if self.activation_bytes_per_layer is None:
+            est = "not estimated"
+        else:
+            est = (f"estimate {self.activation_bytes_per_layer / 2**20:.1f} MiB per layer per micro-batch, "
+                   f"{len(keep) * self.activation_bytes_per_layer / GIB:.3f} GiB kept")
+        which = f" (recompute: {', '.join(recompute)})" if recompute and len(recompute) < len(layers) else ""
+        return (f"backward: keep activations of {len(keep)} layers, recompute {len(recompute)}{which}; "
+                f"activations {est}; activation budget {budget}")
 
 
 def _page(n: int) -> int:
@@ -74,8 +101,39 @@ def _page(n: int) -> int:
 
 
 def make_plan(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, prefetch_depth: int,
-              device_budget_bytes: int | None, host_budget_bytes: int | None, zero_copy: bool) -> Plan:
-    """Place blocks; raise PlanError naming the budget that cannot hold the working set."""
+              device_budget_bytes: int | None, host_budget_bytes: int | None, zero_copy: bool,
+              activation_bytes_per_layer: int | None = None, activation_budget_bytes: int | None = None) -> Plan:
+    """Place blocks and choose, per layer, kept or recomputed activations; raise PlanError naming
+    the budget that cannot hold the working set.
+
+    ``activation_bytes_per_layer``: the activations one layer keeps for one micro-batch (None:
+    not estimated, e.g. no backward; then every layer keeps when the budget has no limit, else
+    layers the ring streams recompute). ``activation_budget_bytes``: None = what the device
+    budget leaves (no limit without one)."""
+    plan = _place(blocks, outer_block=outer_block, tier=tier, prefetch_depth=prefetch_depth,
+                  device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes, zero_copy=zero_copy)
+    budget = activation_budget_bytes
+    if budget is None and device_budget_bytes is not None:
+        budget = max(device_budget_bytes - plan.device_bytes, 0)
+    layers = [b for b in blocks if b != outer_block]
+    if budget is None:
+        keep = list(layers)
+    elif activation_bytes_per_layer is None:
+        keep = [b for b in layers if plan.home[b] == Tier.DEVICE]
+    else:
+        keep, room = [], budget
+        for b in layers:  # earliest first, as for device placement
+            if activation_bytes_per_layer <= room:
+                keep.append(b)
+                room -= activation_bytes_per_layer
+    plan.keep = keep
+    plan.activation_bytes_per_layer = activation_bytes_per_layer
+    plan.activation_budget_bytes = budget
+    return plan
+
+
+def _place(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, prefetch_depth: int,
+           device_budget_bytes: int | None, host_budget_bytes: int | None, zero_copy: bool) -> Plan:
     if prefetch_depth < 1:
         raise PlanError(f"offload.prefetch_depth must be >= 1 (got {prefetch_depth})")
     layers = [b for b in blocks if b != outer_block]

@@ -141,3 +141,12 @@ def test_eval_command_on_a_trained_adapter(tiny_models, tmp_path, capsys):
     assert main(["eval", cfg, "--checkpoint", str(tmp_path / "out" / "final")]) == 0
     out = capsys.readouterr().out
     assert "accuracy=" in out and "samples=8" in out
+
+
+def test_plan_prints_the_backward_choice_for_lora(tiny_models, tmp_path, capsys):
+    cfg = _write_cfg(tmp_path, tiny_models("llama", layers=2, hidden=32), method="lora",
+                     offload={"tier": "host", "activation_budget_gib": 0})
+    assert main(["plan", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "backward: keep activations of 0 layers, recompute 2" in out
+    assert "MiB per layer per micro-batch" in out and "activation budget 0.000 GiB" in out

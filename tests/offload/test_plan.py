@@ -46,3 +46,23 @@ def test_host_tier_over_budget_suggests_nvme():
 def test_zero_copy_cpu_nvme_computes_in_staging():
     p = _plan(zero_copy=True)
     assert p.ring_size == 0 and p.device_bytes == 0 and p.staging_buffers == 4
+
+
+def test_activations_kept_while_the_budget_holds_them_earliest_first():
+    p = _plan(activation_bytes_per_layer=3 * MIB, activation_budget_bytes=10 * MIB)
+    assert p.keep == ["layer.0", "layer.1", "layer.2"]
+    assert "keep activations of 3 layers, recompute 3" in p.describe()
+
+
+def test_activation_budget_defaults_to_what_the_device_budget_leaves():
+    working = 16 * MIB + 4 * 8 * MIB
+    p = _plan(device_budget_bytes=working + 4 * MIB + 7 * MIB, activation_bytes_per_layer=3 * MIB)
+    assert p.count(Tier.DEVICE) == 2  # blocks first: layer.0 and layer.1 take 8 MiB, 3 MiB left
+    assert p.activation_budget_bytes == 3 * MIB and p.keep == ["layer.0"]
+    assert _plan(activation_bytes_per_layer=3 * MIB).keep == [f"layer.{i}" for i in range(6)]  # no limit
+
+
+def test_without_an_estimate_a_bounded_budget_recomputes_the_streamed_layers():
+    working = 16 * MIB + 4 * 8 * MIB
+    p = _plan(device_budget_bytes=working + 4 * MIB)
+    assert p.keep == ["layer.0"]  # the device-home layer; the streamed ones recompute, as before
