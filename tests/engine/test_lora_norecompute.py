@@ -86,6 +86,9 @@ def test_no_recompute_streamed_lora_equals_resident(tiny_models, cfg_factory, tm
         _assert_same(got, ref)
         assert got[2] == [[2] * 5] * STEPS, "one forward per layer per micro-batch: no recompute"
         weight_refs, kept = got[3]
+        if tier == "host" and store == "float32":  # on a CPU device these masters serve in place: nothing streams
+            assert weight_refs == 0
+            continue
         # every linear (7) and norm (2) weight of each layer, per micro-batch, left as a reference
         assert weight_refs == 9 * 5 * 2 * STEPS
         assert kept > 0
@@ -131,7 +134,7 @@ def test_default_activation_budget_is_what_the_device_budget_leaves(tiny_models,
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_estimate_bounds_what_the_engine_keeps(tiny_models, cfg_factory, arch, dropout):
     path = tiny_models(arch, layers=3, hidden=32)
-    cfg = _cfg(cfg_factory, path, {"tier": "host"}, lora={"dropout": dropout}, train={"micro_batch_size": 4})
+    cfg = _cfg(cfg_factory, path, {"tier": "nvme"}, lora={"dropout": dropout}, train={"micro_batch_size": 4})
     tr = LoraTrainer(cfg)
     tr.setup()
     try:
