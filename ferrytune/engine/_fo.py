@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
+from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
 from ferrytune.offload import BlockStreamer
 
@@ -113,7 +113,7 @@ class FOEngine:
             n_total = _rows(args)
             outs = []
             for i, start in enumerate(range(0, n_total, self.chunk_rows)):
-                a, kw = slice_rows((args, kwargs), n_total, start, start + self.chunk_rows)
+                a, kw = slice_rows((args, kwargs), n_total, start, start + self.chunk_rows, row_factors(self.layout))
                 with self.chunk_context(i):
                     outs.append(orig(*a, **kw))
             return cat_rows(outs, [self.chunk_rows] * len(outs))

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
+from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
 from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, chained_copies, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
@@ -75,6 +75,7 @@ class ZOEngine:
         self.store_dtype = store_dtype
         self.pending: PendingUpdate | None = None
         self.interceptor = UnitInterceptor(layout)
+        self._row_factors = row_factors(layout)
         self.interceptor.handler = self._call_unit
         self.interceptor.install()
         units_of: dict[int, set[str]] = {}
@@ -212,7 +213,8 @@ class ZOEngine:
                         i = ps.streams.index((k, sign))
                         for m in range(ps.num_micro):
                             c = i * ps.num_micro + m
-                            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
+                            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows,
+                                                   self._row_factors)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
                 chain.apply(CHAIN[2])
             for p in shared:
