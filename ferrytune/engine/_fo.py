@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
-from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind, logits_at
 from ferrytune.offload import BlockStreamer
 
 
@@ -78,7 +78,7 @@ class FOEngine:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return model.get_output_embeddings()(torch.gather(hidden, 1, idx))
+        return logits_at(model, torch.gather(hidden, 1, idx))
 
     # ------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:

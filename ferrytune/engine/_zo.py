@@ -39,7 +39,7 @@ import torch
 from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
 from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, chained_copies, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, stochastic_round_
-from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind, logits_at
 from ferrytune.offload import BlockStreamer
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class ZOEngine:
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
                 h = torch.gather(hidden, 1, idx)  # (N, L, C)
-                logits = model.get_output_embeddings()(h)  # (N, L, V), through the head unit
+                logits = logits_at(model, h)  # (N, L, V), through the head unit and the model's head code
                 result = head_fn(logits)
             self._close_block(OUTER)
             ok = True

@@ -134,7 +134,7 @@ def build_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     return model, config
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best, best_n = None, -1
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
@@ -148,7 +148,7 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def build_layout(model: nn.Module, config, *, checkpoint_dtype: torch.dtype = torch.float32) -> ModelLayout:
     """Cut the model into units and blocks. Tied weights become one ParamSpec with several owners."""
-    layers_name, layers = _find_layers(model)
+    layers_name, layers = find_layers(model)
     # Canonical names: the first name under which named_parameters() reports a tensor.
     specs: dict[int, ParamSpec] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
