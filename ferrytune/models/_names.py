@@ -98,7 +98,7 @@ class CheckpointLoader:
         missing = [p for p in layout.params if p.param_id not in covered]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{where}: checkpoint has no tensor {missing[0].name}{more} "
+            raise CheckpointError(f"{where}: checkpoint has no tensor {_file_name(model, missing[0])}{more} "
                                   f"(is model.path the right model?)")
         if unexpected:
             logger.debug("%s: %d checkpoint tensors the model does not use, e.g. %s", where, len(unexpected),
@@ -136,9 +136,49 @@ class CheckpointLoader:
                 if p is None:
                     continue
                 if tuple(t.shape) != p.shape:
+                    absent = _absent_members(g, p.shape)
+                    if absent:
+                        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+                        raise CheckpointError(f"{self._where}: checkpoint has no tensor {absent[0]}{more} "
+                                              f"(one of the tensors that make {name}; is model.path complete?)")
                     raise CheckpointError(f"{self._where}: tensors {[k for _, k in g.sources][:4]} convert to "
                                           f"{name} of shape {tuple(t.shape)}, the model expects {p.shape}")
                 _view(flat, p).copy_(t)
+
+
+def _file_name(model, p) -> str:
+    """``p``'s name as save_pretrained writes it, with the module's name beside it where they differ."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    try:
+        names = list(revert_weight_conversion(model, {p.name: torch.empty(p.shape, device="meta")}))
+    except Exception:  # noqa: BLE001 - a fused parameter alone may not revert; the module name is enough
+        names = []
+    if len(names) == 1 and names[0] != p.name:
+        return f"{names[0]} (the model's {p.name})"
+    return p.name
+
+
+def _absent_members(g: _Group, shape: tuple[int, ...]) -> list[str]:
+    """Checkpoint keys a stacked group (``experts.*.w1``: one tensor per expert) lacks, given the fused
+    parameter's ``shape`` (its first dimension is the number of members)."""
+    import re
+
+    absent = []
+    for pattern in g.converter.source_patterns if g.converter is not None else []:
+        if "*" not in pattern:
+            continue
+        rx = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+        found = {}
+        for pat, key in g.sources:
+            m = rx.search(key) if pat == pattern else None
+            if m:
+                found[int(m.group(1))] = (key, m.span(1))
+        if not found:
+            continue
+        key, (a, b) = next(iter(found.values()))
+        absent += [key[:a] + str(i) + key[b:] for i in range(shape[0]) if i not in found]
+    return absent
 
 
 def open_checkpoint(folder, layout) -> CheckpointLoader:
