@@ -4,7 +4,7 @@ No forward code is copied per architecture: the decoder layers are found as the
 largest ``nn.ModuleList`` of identical modules, and every other module that owns
 parameters directly (embeddings, positional embeddings, final norm, lm_head)
 becomes an *outer* unit. The engine later replaces each unit's ``forward`` on the
-instance, so LLaMA, Qwen2, Mistral, OPT, GPT-2 and GPT-NeoX all run through their
+instance, so every architecture (docs/models.md lists the 22 tested) runs through its
 own HF code.
 """
 
@@ -32,7 +32,7 @@ _ALIGN_ELEMS = 64  # param offsets inside a block are 256-byte aligned for fp32
 class ParamSpec:
     """One checkpoint tensor: its place in its block and every module that uses it."""
 
-    name: str  # canonical (checkpoint) name
+    name: str  # canonical name: the module's (files may differ: ferrytune.models._names maps them)
     param_id: int  # stable global index; keys the perturbation RNG
     shape: tuple[int, ...]
     offset: int  # element offset inside the block's flat buffer
