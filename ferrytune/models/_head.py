@@ -12,6 +12,8 @@ layers (what the head's forward calls: ``model.model``, or ``model.model.decoder
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,14 +23,18 @@ def logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     trunk = _trunk(model)
 
     def answer(*args, **kwargs):
-        return _HiddenOnly(last_hidden_state=hidden)
+        return _hidden_only_class()(last_hidden_state=hidden)
 
+    before = trunk.__dict__.get("forward")  # an engine's interception, if the trunk is a unit itself
     trunk.forward = answer  # on the instance: __call__ and its hooks still run
     try:
         ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # only its shape is read
         out = model(input_ids=ids, use_cache=False, logits_to_keep=0, return_dict=True)
     finally:
-        del trunk.forward
+        if before is None:
+            del trunk.forward
+        else:
+            trunk.forward = before
     return out.logits
 
 
@@ -49,7 +55,8 @@ def _trunk(model: nn.Module) -> nn.Module:
     return trunk
 
 
-def _hidden_only_class():
+@functools.lru_cache(maxsize=None)
+def _hidden_only_class():  # built on first use: transformers is a heavy import
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     class HiddenOnly(BaseModelOutputWithPast):
@@ -61,13 +68,3 @@ def _hidden_only_class():
             return None
 
     return HiddenOnly
-
-
-class _Lazy:
-    cls = None
-
-
-def _HiddenOnly(**kw):  # noqa: N802 - a class, built on first use (transformers is a heavy import)
-    if _Lazy.cls is None:
-        _Lazy.cls = _hidden_only_class()
-    return _Lazy.cls(**kw)
