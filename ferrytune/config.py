@@ -91,7 +91,7 @@ class DataConfig(_Section):
 class TrainLoopConfig(_Section):
     steps: int = Field(gt=0, description="optimizer steps to run")
     batch_size: int = Field(gt=0, description="global batch size in examples (all ranks together)")
-    micro_batch_size: int | None = Field(None, gt=0, description="examples per forward; must divide batch_size; null = batch_size")
+    micro_batch_size: int | None = Field(None, gt=0, description="examples per forward; must divide batch_size; null = batch_size / parallel.data (one micro-batch per rank)")
     seed: int = Field(0, ge=0, description="seed for data order, perturbations and LoRA init")
     lr: float = Field(1e-6, gt=0, description="learning rate; the default suits zo, LoRA wants ~1e-4")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup (linear/cosine decay to 0 at the last step)")
@@ -244,7 +244,40 @@ def config_from_dict(
         key, message = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(f"{_where(source, key, _override_keys)}: {key}: {message}{more}")
-    return cfg
+    return _default_micro_batch(cfg)
+
+
+def _default_micro_batch(cfg: TrainConfig) -> TrainConfig:
+    """Unset ``train.micro_batch_size`` under ``parallel.data = N > 1``: ``batch_size / N``, one micro-batch
+    per rank (a single process keeps one forward of the whole batch)."""
+    t, ranks = cfg.train, cfg.parallel.data
+    if t.micro_batch_size is not None or ranks == 1:
+        return cfg
+    return cfg.model_copy(update={"train": t.model_copy(update={"micro_batch_size": t.batch_size // ranks})})
+
+
+def resolve_world_size(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """The config for a launch of ``world_size`` processes (torchrun's ``WORLD_SIZE``).
+
+    A config that sets neither ``parallel.data`` nor ``parallel.perturbation`` runs data parallel
+    over all of them (``parallel.data = world_size``, and an unset ``micro_batch_size`` becomes
+    ``batch_size / world_size``), as torchrun users expect. Explicit settings are kept as they are:
+    ``init_mesh`` refuses them, naming the mismatch, when they contradict the world size.
+    Raises ConfigError when the batch cannot be shared by the processes."""
+    par = cfg.parallel
+    if world_size <= 1 or {"data", "perturbation"} & par.model_fields_set:
+        return cfg
+    t = cfg.train
+    if t.micro_batch_size is None:
+        shared, what = t.batch_size % world_size == 0, f"{t.batch_size} examples"
+    else:
+        shared, what = t.num_micro_batches % world_size == 0, f"{t.num_micro_batches} micro-batches"
+    if not shared:
+        raise ConfigError(f"train.batch_size: {what} per step cannot be shared evenly by the {world_size} processes "
+                          "torchrun started (data parallel when parallel.* is not set); change train.batch_size "
+                          "(or micro_batch_size), or set parallel.data / parallel.perturbation")
+    cfg = cfg.model_copy(update={"parallel": par.model_copy(update={"data": world_size})})
+    return _default_micro_batch(cfg)
 
 
 def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple[str, str]]:
@@ -252,7 +285,11 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
     problems = []
     t = cfg.train
     micro, ranks = t.effective_micro_batch_size, cfg.parallel.data
-    if t.batch_size % micro != 0:
+    if t.micro_batch_size is None and ranks > 1:  # defaults to batch_size / parallel.data (_default_micro_batch)
+        if t.batch_size % ranks != 0:
+            problems.append(("train.batch_size", f"{t.batch_size} examples cannot be shared evenly by "
+                                                 f"parallel.data={ranks} ranks; make it a multiple of parallel.data"))
+    elif t.batch_size % micro != 0:
         problems.append(("train.micro_batch_size", f"must divide train.batch_size (got {micro}, batch_size {t.batch_size})"))
     elif t.num_micro_batches % ranks != 0:
         problems.append((

@@ -99,7 +99,8 @@ ERRORS = [
     (MINIMAL, ["train.steps=true"], "config.yaml (override train.steps): train.steps: must be an integer (got True)"),
     (MINIMAL, ["train.steps=2.5"], "config.yaml (override train.steps): train.steps: must be an integer (got 2.5)"),
     (MINIMAL, ["train.micro_batch_size=3"], "config.yaml (override train.micro_batch_size): train.micro_batch_size: must divide train.batch_size (got 3, batch_size 4)"),
-    (MINIMAL, ["parallel.data=3"], "config.yaml: train.micro_batch_size: gives 1 micro-batches per step, which parallel.data=3 ranks cannot share evenly"),
+    (MINIMAL, ["parallel.data=3"], "config.yaml: train.batch_size: 4 examples cannot be shared evenly by parallel.data=3 ranks"),
+    (MINIMAL, ["parallel.data=3", "train.micro_batch_size=2"], "config.yaml (override train.micro_batch_size): train.micro_batch_size: gives 2 micro-batches per step, which parallel.data=3 ranks cannot share evenly"),
     (MINIMAL, ["offload.tier=nvme"], "config.yaml: offload.nvme_dir: required when offload.tier is 'nvme'"),
     (MINIMAL, ["offload.host_budget_gib=0"], "config.yaml (override offload.host_budget_gib): offload.host_budget_gib: must be > 0 (got 0)"),
     (MINIMAL, ["zo.momentum=1.0"], "config.yaml (override zo.momentum): zo.momentum: must be < 1 (got 1.0)"),
@@ -153,3 +154,23 @@ def test_docs_table_lists_every_key():
     doc = (REPO / "docs" / "config.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_.]+)`", doc, flags=re.M))
     assert set(leaf_keys()) <= documented, sorted(set(leaf_keys()) - documented)
+
+
+def test_data_parallel_defaults_as_torchrun_users_expect(cfg_file):
+    from ferrytune.config import resolve_world_size
+
+    # parallel.data=2 with batch 8 and no micro_batch_size: one micro-batch of 4 per rank
+    cfg = load_config(cfg_file(), ["parallel.data=2", "train.batch_size=8"])
+    assert (cfg.parallel.data, cfg.train.micro_batch_size, cfg.train.num_micro_batches) == (2, 4, 2)
+    # no parallel setting: a launch of 2 processes is data parallel over both
+    plain = load_config(cfg_file(), ["train.batch_size=8"])
+    assert plain.train.micro_batch_size is None and plain.parallel.data == 1
+    two = resolve_world_size(plain, 2)
+    assert (two.parallel.data, two.parallel.perturbation, two.train.micro_batch_size) == (2, 1, 4)
+    assert resolve_world_size(plain, 1) is plain
+    # explicit settings are kept (init_mesh then refuses a mismatch with the world size)
+    for explicit in (["parallel.data=1"], ["parallel.perturbation=2"]):
+        cfg = load_config(cfg_file(), ["train.batch_size=8", *explicit])
+        assert resolve_world_size(cfg, 2).parallel == cfg.parallel
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 7 examples per step cannot be shared evenly by the 2 processes"):
+        resolve_world_size(load_config(cfg_file(), ["train.batch_size=7"]), 2)

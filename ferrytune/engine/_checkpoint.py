@@ -28,7 +28,7 @@ import torch
 from ferrytune.atomic import fsync_dir, write_atomic_json
 from ferrytune.errors import CheckpointError
 from ferrytune.models import ModelLayout
-from ferrytune.models import SafetensorsWriter
+from ferrytune.models import SafetensorsWriter, checkpoint_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,20 @@ def save_model_folder(dest: Path, layout: ModelLayout, *, model_path: Path, stor
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        order = [(b, p) for b, spec in layout.blocks.items() for p in spec.params]
-        specs = [(p.name, p.shape, store_dtype) for _, p in order]
+        # Names as save_pretrained writes them (transformers' mapping reverted), block by block:
+        # first on meta for the header, then with the values.
+        blocks = list(layout.blocks.items())
+        specs = []
+        for b, spec in blocks:
+            meta = torch.empty(spec.numel, dtype=store_dtype, device="meta")
+            specs += [(n, tuple(t.shape), store_dtype) for n, t in checkpoint_tensors(layout, b, meta).items()]
         writer = SafetensorsWriter(tmp, specs)
         scratch = torch.empty(max(s.numel for s in layout.blocks.values()), dtype=store_dtype)
-        for b, spec in layout.blocks.items():
+        for b, spec in blocks:
             flat = scratch[: spec.numel]
             read_block(b, flat)
-            for p in spec.params:
-                writer.write(p.name, flat[p.offset: p.offset + p.numel].view(p.shape))
+            for name, t in checkpoint_tensors(layout, b, flat).items():
+                writer.write(name, t)
         writer.close()
         cfg = json.loads((Path(model_path) / "config.json").read_text())
         dtype_name = str(store_dtype).removeprefix("torch.")

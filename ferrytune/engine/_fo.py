@@ -37,8 +37,8 @@ import torch
 
 from ferrytune.errors import FerrytuneError
 
-from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
-from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
+from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind, logits_at
 from ferrytune.offload import BlockStreamer
 
 
@@ -114,7 +114,7 @@ class FOEngine:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return model.get_output_embeddings()(torch.gather(hidden, 1, idx))
+        return logits_at(model, torch.gather(hidden, 1, idx))
 
     # ------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -153,7 +153,7 @@ class FOEngine:
             n_total = _rows(args)
             outs = []
             for i, start in enumerate(range(0, n_total, self.chunk_rows)):
-                a, kw = slice_rows((args, kwargs), n_total, start, start + self.chunk_rows)
+                a, kw = slice_rows((args, kwargs), n_total, start, start + self.chunk_rows, row_factors(self.layout))
                 with self.chunk_context(i):
                     outs.append(orig(*a, **kw))
             return cat_rows(outs, [self.chunk_rows] * len(outs))

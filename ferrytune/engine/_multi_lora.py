@@ -47,7 +47,7 @@ from ferrytune.data import (
 from ferrytune.engine._schedule import lr_at
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
-from ferrytune.models import load_resident_model
+from ferrytune.models import load_resident_model, logits_at
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class MultiLoraTrainer:
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) from hidden states gathered at the scored positions (B, L, C)."""
-        return self.model.get_output_embeddings()(hidden)
+        return logits_at(self.model, hidden)  # the model's own head code (soft-capping, logit scales)
 
     # ---- jobs ----
     @property

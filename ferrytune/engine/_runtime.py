@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 
 from ferrytune.config import ModelConfig, OffloadConfig
-from ferrytune.errors import CheckpointError, ConfigError
+from ferrytune.errors import ConfigError
 from ferrytune.models import OUTER, ModelLayout, load_layout
-from ferrytune.models import SafetensorsReader
+from ferrytune.models import open_checkpoint
 from ferrytune.offload import GIB, BlockSize, BlockStreamer, Plan, build_streamer, make_plan
 
 logger = logging.getLogger(__name__)
@@ -96,27 +96,9 @@ def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nv
 
 
 def weights_from(folder: str | Path, layout: ModelLayout) -> Callable[[str, torch.Tensor], None]:
-    """An ``init(block_id, flat)`` that reads a block's tensors from an HF folder."""
-    reader = SafetensorsReader(folder)
-    prefix = getattr(layout.model, "base_model_prefix", "") or ""
-
-    def lookup(p) -> str:
-        for name in [p.name, *p.aliases]:
-            cands = [name]
-            if prefix and name.startswith(prefix + "."):
-                cands.append(name[len(prefix) + 1:])  # old checkpoints without the prefix
-            for c in cands:
-                if c in reader:
-                    return c
-        raise CheckpointError(f"{folder}: checkpoint has no tensor {p.name} (is model.path the right model?)")
-
-    names = {p.param_id: lookup(p) for p in layout.params}
-
-    def init(block_id: str, flat: torch.Tensor) -> None:
-        for p in layout.blocks[block_id].params:
-            reader.read(names[p.param_id], out=flat[p.offset: p.offset + p.numel].view(p.shape))
-
-    return init
+    """An ``init(block_id, flat)`` that reads a block's tensors from an HF folder, through transformers'
+    checkpoint-name mapping for the architecture (``ferrytune.models.open_checkpoint``)."""
+    return open_checkpoint(folder, layout).read_block
 
 
 def check_device(cfg) -> None:

@@ -11,6 +11,12 @@ dimension is the stacked batch size ``N`` (hidden states, masks, input ids).
 Everything else (rotary tables with batch 1, 1-D ``cache_position``, flags) is
 passed whole to each call, and an output with batch 1 is expanded to the rows of
 its stream (GPT-2's ``wpe`` is called on ``position_ids`` of batch 1).
+
+Some models build a tensor once per forward from the whole batch in a *batch-major* layout with
+several rows per sample: ALiBi (BLOOM, Falcon with ``alibi``) is ``(N * heads, 1, T)``. Its first
+dimension is ``f * N`` for a *row factor* ``f`` (``row_factors(layout)``: the attention heads), and a
+slice of samples ``start:end`` is its rows ``f*start : f*end`` — exactly the tensor a plain forward
+of those samples builds, since every row is computed from its own sample only.
 """
 
 from __future__ import annotations
@@ -23,18 +29,28 @@ import torch
 from ferrytune.models import ModelLayout, Unit
 
 
-def slice_rows(obj: Any, n_total: int, start: int, end: int) -> Any:
-    """Slice rows ``start:end`` of every batch-carrying tensor inside ``obj``."""
+def row_factors(layout: ModelLayout) -> tuple[int, ...]:
+    """Rows per sample of the tensors a unit may receive: 1, and the attention heads (ALiBi's layout)."""
+    cfg = layout.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = getattr(cfg, "num_attention_heads", None)
+    return (1, heads) if isinstance(heads, int) and heads > 1 else (1,)
+
+
+def slice_rows(obj: Any, n_total: int, start: int, end: int, factors: tuple[int, ...] = (1,)) -> Any:
+    """Slice samples ``start:end`` of every batch-carrying tensor inside ``obj`` (see the module doc)."""
     if isinstance(obj, torch.Tensor):
-        if obj.dim() >= 2 and obj.shape[0] == n_total and n_total > 1:
-            return obj[start:end]
+        if obj.dim() >= 2 and n_total > 1:
+            for f in factors:
+                if obj.shape[0] == f * n_total:
+                    return obj[f * start:f * end]
         return obj
     if isinstance(obj, tuple):
-        return tuple(slice_rows(o, n_total, start, end) for o in obj)
+        return tuple(slice_rows(o, n_total, start, end, factors) for o in obj)
     if isinstance(obj, list):
-        return [slice_rows(o, n_total, start, end) for o in obj]
+        return [slice_rows(o, n_total, start, end, factors) for o in obj]
     if isinstance(obj, dict):
-        return {k: slice_rows(v, n_total, start, end) for k, v in obj.items()}
+        return {k: slice_rows(v, n_total, start, end, factors) for k, v in obj.items()}
     return obj
 
 
@@ -42,7 +58,7 @@ def cat_rows(outs: list[Any], rows: list[int]) -> Any:
     """Concatenate per-stream outputs along the batch dimension (inverse of slice_rows)."""
     first = outs[0]
     if isinstance(first, torch.Tensor):
-        parts = [o.expand(r, *o.shape[1:]) if o.shape[0] != r else o for o, r in zip(outs, rows)]
+        parts = [o.expand(r, *o.shape[1:]) if o.shape[0] == 1 and r != 1 else o for o, r in zip(outs, rows)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if isinstance(first, (tuple, list)):
         cols = [cat_rows([o[i] for o in outs], rows) for i in range(len(first))]

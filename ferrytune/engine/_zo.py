@@ -48,10 +48,10 @@ from typing import Any, Callable
 
 import torch
 
-from ferrytune.engine._units import UnitInterceptor, cat_rows, slice_rows
+from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
 from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, perturbation, stochastic_round_
-from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind
+from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind, logits_at
 from ferrytune.offload import BlockStreamer
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ZOEngine:
         self.store_dtype = store_dtype
         self.pending: PendingUpdate | None = None
         self.interceptor = UnitInterceptor(layout)
+        self._row_factors = row_factors(layout)
         self.interceptor.handler = self._call_unit
         self.interceptor.install()
         units_of: dict[int, set[str]] = {}
@@ -134,7 +135,7 @@ class ZOEngine:
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
                 h = torch.gather(hidden, 1, idx)  # (N, L, C)
-                logits = model.get_output_embeddings()(h)  # (N, L, V), through the head unit
+                logits = logits_at(model, h)  # (N, L, V), through the head unit and the model's head code
                 result = head_fn(logits)
             self._close_block(OUTER)
             ok = True
@@ -238,8 +239,8 @@ class ZOEngine:
             result = orig(*args, **kwargs)
         elif not ps.perturbs(unit.block_id):  # not drawn this step: every stream sees the same weights
             n_chunks = len(ps.streams) * ps.num_micro
-            outs = [orig(*a, **kw) for a, kw in (slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
-                                                 for c in range(n_chunks))]
+            outs = [orig(*a, **kw) for a, kw in (slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows,
+                                                            self._row_factors) for c in range(n_chunks))]
             result = cat_rows(outs, [ps.rows] * n_chunks)
         else:
             own = [p for p in unit.params if p.param_id not in self._shared]
@@ -265,7 +266,8 @@ class ZOEngine:
                         i = ps.streams.index((k, sign))
                         for m in range(ps.num_micro):
                             c = i * ps.num_micro + m
-                            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows)
+                            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows,
+                                                   self._row_factors)
                             by_stream[(k, sign, m)] = orig(*a, **kw)
                 if last_k:  # the shared values' final +εz waits for the block's close (later units read θ-εz)
                     ps.restore_at_close.update((p.param_id, (p, k, chain.masks[len(own) + i]))

@@ -1,7 +1,8 @@
 """Training entry point for one process or a torchrun launch.
 
     ferrytune train CONFIG.yaml
-    torchrun --nproc-per-node 2 -m ferrytune.launch.train CONFIG.yaml [--set parallel.data=2]
+    torchrun --nproc-per-node 2 -m ferrytune.launch.train CONFIG.yaml   # data parallel over the 2 processes
+    torchrun --nproc-per-node 2 -m ferrytune.launch.train CONFIG.yaml --set parallel.perturbation=2
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
         -m ferrytune.launch.train CONFIG.yaml
 """
@@ -24,9 +25,11 @@ def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None
     (default ``ferrytune.parallel.COLLECTIVE_TIMEOUT_S``).
     """
     from ferrytune.engine import check_device, trainer_class
-    from ferrytune.parallel import COLLECTIVE_TIMEOUT_S, init_mesh, shutdown
+    from ferrytune.config import resolve_world_size
+    from ferrytune.parallel import COLLECTIVE_TIMEOUT_S, init_mesh, launched_world_size, shutdown
 
     check_device(cfg)
+    cfg = resolve_world_size(cfg, launched_world_size())  # no parallel.* set: data parallel over every process
     mesh = init_mesh(cfg.parallel, device=cfg.device, timeout_s=collective_timeout_s or COLLECTIVE_TIMEOUT_S)
     try:
         trainer = trainer_class(cfg)(cfg, mesh=mesh)

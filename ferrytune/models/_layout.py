@@ -4,7 +4,7 @@ No forward code is copied per architecture: the decoder layers are found as the
 largest ``nn.ModuleList`` of identical modules, and every other module that owns
 parameters directly (embeddings, positional embeddings, final norm, lm_head)
 becomes an *outer* unit. The engine later replaces each unit's ``forward`` on the
-instance, so LLaMA, Qwen2, Mistral, OPT, GPT-2 and GPT-NeoX all run through their
+instance, so every architecture (docs/models.md lists the 22 tested) runs through its
 own HF code.
 """
 
@@ -32,7 +32,7 @@ _ALIGN_ELEMS = 64  # param offsets inside a block are 256-byte aligned for fp32
 class ParamSpec:
     """One checkpoint tensor: its place in its block and every module that uses it."""
 
-    name: str  # canonical (checkpoint) name
+    name: str  # canonical name: the module's (files may differ: ferrytune.models._names maps them)
     param_id: int  # stable global index; keys the perturbation RNG
     shape: tuple[int, ...]
     offset: int  # element offset inside the block's flat buffer
@@ -134,7 +134,7 @@ def build_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     return model, config
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best, best_n = None, -1
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
@@ -148,7 +148,7 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def build_layout(model: nn.Module, config, *, checkpoint_dtype: torch.dtype = torch.float32) -> ModelLayout:
     """Cut the model into units and blocks. Tied weights become one ParamSpec with several owners."""
-    layers_name, layers = _find_layers(model)
+    layers_name, layers = find_layers(model)
     # Canonical names: the first name under which named_parameters() reports a tensor.
     specs: dict[int, ParamSpec] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

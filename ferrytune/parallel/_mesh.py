@@ -58,6 +58,13 @@ class Mesh:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """How many processes this launch has: the adopted group's size (Ray Train), else torchrun's ``WORLD_SIZE``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_mesh(parallel_cfg, *, device: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Mesh:
     """Join (or adopt) the process group of this launch and check it matches ``parallel.*``.
 
