@@ -303,8 +303,8 @@ def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
     outputs = layout.outputs_dir(t.name)
     valid = validate_spec(parse_spec_text(text), catalog=ctx.catalog, files_root=layout.files_dir(t.name),
                           outputs_root=outputs, limits=limits)
-    if ctx.worker is not None and valid.max_length > ctx.worker.token_capacity:
-        raise SpecError(f"data.max_length: {valid.max_length} is more than a microbatch of this service holds "
+    if ctx.worker is not None and valid.cfg.data.max_length > ctx.worker.token_capacity:
+        raise SpecError(f"data.max_length: {valid.cfg.data.max_length} is more than a microbatch of this service holds "
                         f"({ctx.worker.token_capacity} tokens); lower data.max_length")
     with ctx.tenant_lock(t.name):  # the counts and the output_dir check hold until the job is stored
         active = store.count_jobs(tenant=t.name, states=_ACTIVE)
@@ -338,10 +338,10 @@ def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
             write_private(job_dir / "spec.yaml", text.encode("utf-8"))
             config = valid.stored_config(train=str(job_dir / "train.jsonl"), output_dir=str(job_dir / "work"))
             return store.create_job(NewJob(
-                id=job_id, tenant=t.name, name=valid.name, base=valid.base, dtype=valid.dtype,
-                priority=valid.priority, max_steps=valid.max_steps, spec_text=text, config=config,
+                id=job_id, tenant=t.name, name=valid.name, base=valid.base, dtype=valid.cfg.model.compute_dtype,
+                priority=valid.priority, max_steps=valid.cfg.train.steps, spec_text=text, config=config,
                 job_dir=str(job_dir), adapter_dir=str(adapter_dir), adapter_params=valid.adapter_params,
-                max_length=valid.max_length, memory_bytes=memory))
+                max_length=valid.cfg.data.max_length, memory_bytes=memory))
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
@@ -361,7 +361,7 @@ def _check_memory(ctx: _Context, valid, memory: int) -> None:
     """The job must fit an empty worker of its base: base + one microbatch's activations + the job."""
     if ctx.worker is None:
         return
-    cost = ctx.catalog.cost(valid.base, valid.dtype)
+    cost = ctx.catalog.cost(valid.base, valid.cfg.model.compute_dtype)
     needs = cost.base_bytes + cost.act_bytes_per_token * ctx.worker.token_capacity + memory
     if needs > ctx.worker.worker_memory_bytes:
         raise SpecError(

@@ -77,22 +77,6 @@ class ValidSpec:
     def adapter_bytes(self) -> int:
         return adapter_state_bytes(self.adapter_params)
 
-    @property
-    def dtype(self) -> str:
-        return self.cfg.model.compute_dtype
-
-    @property
-    def max_steps(self) -> int:
-        return self.cfg.train.steps
-
-    @property
-    def max_length(self) -> int:
-        return self.cfg.data.max_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.cfg.train.batch_size
-
     def stored_config(self, *, train: str, output_dir: str) -> dict:
         """The config as the job store keeps it (JSON), with the job's own copy of the data and folder."""
         data = self.cfg.data.model_copy(update={"train": train})
@@ -108,7 +92,7 @@ class DatasetStats:
 def job_memory_bytes(valid: ValidSpec, data: DatasetStats) -> int:
     """What the job adds to a worker: adapter state, its tokenised dataset, one step's batch."""
     return (valid.adapter_bytes + data.tokens * _EXAMPLE_BYTES_PER_TOKEN + data.rows * _EXAMPLE_BYTES_PER_ROW
-            + valid.batch_size * valid.max_length * _STEP_BYTES_PER_TOKEN)
+            + valid.cfg.train.batch_size * valid.cfg.data.max_length * _STEP_BYTES_PER_TOKEN)
 
 
 class BaseCatalog:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for, pad_positions
+from mezo_testlib import PlainSetup
+
 from ferrytune.engine import active_blocks
 from ferrytune.errors import ConfigError
 from ferrytune.kernels import PerturbKey, add_perturbation_
 from ferrytune.launch.train import run
-from ferrytune.models import load_resident_model
 
 LAYERS = 4
 BLOCKS = ["outer"] + [f"layer.{i}" for i in range(LAYERS)]
@@ -34,33 +34,24 @@ def _block_of(name: str) -> str:
 
 def _reference_lezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     """MeZO's loop where each step perturbs and updates only the drawn blocks' parameters."""
-    model = load_resident_model(cfg.model.path).eval()
-    params = list(model.named_parameters())
-    tok = load_tokenizer(cfg.model.path)
-    train, _ = load_examples(cfg.data, tok)
+    ref = PlainSetup(cfg)
     t, zc = cfg.train, cfg.zo
-    batcher = Batcher(train, global_batch_size=t.batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
 
     def perturb(p, step, i, alpha):
         add_perturbation_(p, PerturbKey(t.seed, step, 0, i), alpha=alpha, dist=zc.distribution)
 
-    def loss(batch) -> float:
-        h = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        logits = model.get_output_embeddings()(torch.gather(h, 1, batch.loss_positions.unsqueeze(-1).expand(
-            -1, -1, h.shape[-1])))
-        return float(loss_per_sample(logits, batch).sum()) / batch.batch_size
-
     losses = []
     with torch.no_grad():
         for step in range(t.steps):
-            (batch,) = pad_positions(batcher.batches_for_step(step, pad_id=pad_id_for(tok)))
-            drawn = [(i, p) for i, (n, p) in enumerate(params) if _block_of(n) in _drawn(t.seed, step, zc.block_fraction)]
+            batch = ref.batch(step)
+            drawn = [(i, p) for i, (n, p) in enumerate(ref.params)
+                     if _block_of(n) in _drawn(t.seed, step, zc.block_fraction)]
             for i, p in drawn:
                 perturb(p, step, i, zc.eps)
-            lp = loss(batch)
+            lp = ref.loss(batch)
             for i, p in drawn:
                 perturb(p, step, i, -2 * zc.eps)
-            lm = loss(batch)
+            lm = ref.loss(batch)
             for i, p in drawn:
                 perturb(p, step, i, zc.eps)
             g = (lp - lm) / (2 * zc.eps)
@@ -69,7 +60,7 @@ def _reference_lezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
                 if t.weight_decay and p.dim() >= 2:
                     p.mul_(1.0 - t.lr * t.weight_decay)
                 perturb(p, step, i, -t.lr * g)
-    return {n: p.detach().clone() for n, p in params}, losses
+    return ref.weights(), losses
 
 
 def _weights(cfg) -> dict[str, torch.Tensor]:

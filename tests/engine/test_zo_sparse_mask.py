@@ -6,21 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for, pad_positions
+from mezo_testlib import PlainSetup
+
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.launch.train import run
-from ferrytune.models import load_resident_model
 
 
 def _reference(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     """MeZO's loop with z multiplied by m = (|θ| <= h): h per tensor, the mask_fraction quantile of the
     initial |θ|; m from the weights at the start of the step's chain and again at the update."""
-    model = load_resident_model(cfg.model.path).eval()
-    params = list(model.named_parameters())
-    tok = load_tokenizer(cfg.model.path)
-    train, _ = load_examples(cfg.data, tok)
+    ref = PlainSetup(cfg)
+    params = ref.params
     t, zc = cfg.train, cfg.zo
-    batcher = Batcher(train, global_batch_size=t.batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
     h = []
     for _, p in params:
         a = p.detach().abs().reshape(-1).sort().values
@@ -29,29 +26,23 @@ def _reference(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     def z(step, i, p):
         return perturbation(PerturbKey(t.seed, step, 0, i), p.shape, dist=zc.distribution)
 
-    def loss(batch) -> float:
-        out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        logits = model.get_output_embeddings()(torch.gather(out, 1, batch.loss_positions.unsqueeze(-1).expand(
-            -1, -1, out.shape[-1])))
-        return float(loss_per_sample(logits, batch).sum()) / batch.batch_size
-
     losses = []
     with torch.no_grad():
         for step in range(t.steps):
-            (batch,) = pad_positions(batcher.batches_for_step(step, pad_id=pad_id_for(tok)))
+            batch = ref.batch(step)
             ez = [z(step, i, p).mul_(zc.eps).mul_((p.abs() <= h[i]).float()) for i, (_, p) in enumerate(params)]
             chain = []
             for mult in (1, -2, 1):  # θ+εz·m, θ-εz·m, θ restored (in place, as MeZO)
                 for (_, p), e in zip(params, ez):
                     p.add_(e, alpha=mult)
-                chain.append(loss(batch) if len(chain) < 2 else None)
+                chain.append(ref.loss(batch) if len(chain) < 2 else None)
             lp, lm = chain[0], chain[1]
             g = (lp - lm) / (2 * zc.eps)
             losses.append((lp + lm) / 2)
             for i, (_, p) in enumerate(params):
                 m = (p.abs() <= h[i]).float()
                 p.add_(z(step, i, p).mul_(-t.lr * g).mul_(m))
-    return {n: p.detach().clone() for n, p in params}, losses
+    return ref.weights(), losses
 
 
 @pytest.fixture(scope="module")

@@ -17,34 +17,26 @@ import json
 import pytest
 import torch
 from arch_testlib import build_arch
+from mezo_testlib import PlainSetup
 
-from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for, pad_positions
 from ferrytune.kernels import PerturbKey, add_perturbation_
 from ferrytune.launch.train import run
-from ferrytune.models import load_resident_model, logits_at
+from ferrytune.models import load_resident_model
 
 
 def _plain_mezo(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     """MeZO (Malladi et al. 2023, Algorithm 1) on a resident transformers model, q perturbations."""
-    model = load_resident_model(cfg.model.path).eval()
-    params = list(model.named_parameters())
-    tok = load_tokenizer(cfg.model.path)
-    train, _ = load_examples(cfg.data, tok)
+    ref = PlainSetup(cfg)
+    params, loss = ref.params, ref.loss
     t, zc = cfg.train, cfg.zo
-    batcher = Batcher(train, global_batch_size=t.batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
 
     def perturb(p, step, k, i, alpha):
         add_perturbation_(p, PerturbKey(t.seed, step, k, i), alpha=alpha, dist=zc.distribution)
 
-    def loss(batch) -> float:
-        h = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        idx = batch.loss_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        return float(loss_per_sample(logits_at(model, torch.gather(h, 1, idx)), batch).sum()) / batch.batch_size
-
     losses = []
     with torch.no_grad():
         for step in range(t.steps):
-            (batch,) = pad_positions(batcher.batches_for_step(step, pad_id=pad_id_for(tok)))
+            batch = ref.batch(step)
             grads = []
             for k in range(zc.num_perturbations):
                 for i, (_, p) in enumerate(params):

@@ -1,0 +1,37 @@
+"""What the plain MeZO loops of the engine and model tests share: the resident model and data of a
+config, the step's batch, and the loss as the engine scores it (hidden states at the scored positions,
+then the model's own head code). Each test writes its own loop over these: that loop is the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ferrytune.data import Batcher, load_examples, load_tokenizer, loss_per_sample, pad_id_for, pad_positions
+from ferrytune.models import load_resident_model, logits_at
+
+
+class PlainSetup:
+    """``model`` (resident, eval mode, 64-byte aligned like the engine's blocks), ``params`` (named,
+    a tied weight once, in param_id order), and the step-indexed batches of ``cfg``."""
+
+    def __init__(self, cfg) -> None:
+        self.model = load_resident_model(cfg.model.path).eval()
+        self.params = list(self.model.named_parameters())
+        self.tok = load_tokenizer(cfg.model.path)
+        train, _ = load_examples(cfg.data, self.tok)
+        t = cfg.train
+        self.batcher = Batcher(train, global_batch_size=t.batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
+
+    def batch(self, step: int):
+        (batch,) = pad_positions(self.batcher.batches_for_step(step, pad_id=pad_id_for(self.tok)))
+        return batch
+
+    def loss(self, batch) -> float:
+        """The batch's mean loss at the scored positions (no grad)."""
+        with torch.no_grad():
+            h = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            idx = batch.loss_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            return float(loss_per_sample(logits_at(self.model, torch.gather(h, 1, idx)), batch).sum()) / batch.batch_size
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params}
