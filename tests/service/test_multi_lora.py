@@ -179,7 +179,10 @@ def test_streamed_base_equals_resident_base(setup, tmp_path, tier):
             assert torch.equal(got[key], want[key]), (job_id, key)
     # the base is only read: nothing is written back during training
     assert all(after["bytes_written"][t] == before["bytes_written"][t] for t in after["bytes_written"])
-    assert after["bytes_read"][tier] > before["bytes_read"][tier]
+    if tier == "host":  # fp32 host masters on a CPU device serve in place: nothing moves
+        assert after["bytes_read"][tier] == before["bytes_read"][tier]
+    else:
+        assert after["bytes_read"][tier] > before["bytes_read"][tier]
 
 
 def test_worker_builds_a_streamed_base_from_its_offload_settings(setup, tmp_path):
