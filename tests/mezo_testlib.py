@@ -35,3 +35,22 @@ class PlainSetup:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.params}
+
+
+def resumed_and_replayed(cfg) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train ``cfg`` stopped at step 3 and resumed from its last checkpoint, then rebuild it from its
+    initial weights and ``zo_log.jsonl`` (``ZOTrainer.replay``): (resumed final weights, replayed weights)."""
+    from safetensors.torch import load_file
+
+    from ferrytune.engine import ZOTrainer
+    from ferrytune.launch.train import run
+
+    run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 3})}), progress=False)
+    run(cfg.model_copy(update={"resume": "auto"}), progress=False)
+    tr = ZOTrainer(cfg.model_copy(update={"output_dir": cfg.output_dir + "-replay", "resume": "never"}))
+    tr.setup()
+    try:
+        dest = tr.replay(f"{cfg.output_dir}/zo_log.jsonl")
+    finally:
+        tr.close()
+    return load_file(f"{cfg.output_dir}/final/model.safetensors"), load_file(f"{dest}/model.safetensors")

@@ -41,7 +41,7 @@ class ZOHyper:
                    block_fraction=zo.block_fraction, mask_fraction=zo.mask_fraction)
 
 
-def mask_thresholds(values: torch.Tensor, fraction: float) -> float:
+def mask_threshold(values: torch.Tensor, fraction: float) -> float:
     """Sparse MeZO's ``h``: the ``fraction`` quantile of ``|values|`` (the k-th smallest, k = round(fraction·n),
     at least 1), so ``|v| <= h`` selects about that fraction of the tensor's elements."""
     flat = values.detach().reshape(-1).abs().float()

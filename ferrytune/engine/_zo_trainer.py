@@ -24,7 +24,7 @@ from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine
-from ferrytune.engine._zo_math import ZOHyper, mask_thresholds
+from ferrytune.engine._zo_math import ZOHyper, mask_threshold
 from ferrytune.errors import CheckpointError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
@@ -128,7 +128,7 @@ class ZOTrainer(StepLoop):
         for b, spec in rt.layout.blocks.items():  # every rank, in the same order (sliced reads are collective)
             rt.streamer.read_master(b, flat[:spec.numel])
             for p in spec.params:
-                out[p.param_id] = mask_thresholds(flat[p.offset:p.offset + p.numel], fraction)
+                out[p.param_id] = mask_threshold(flat[p.offset:p.offset + p.numel], fraction)
         return out
 
     def _momentum_init(self, path: Path | None):

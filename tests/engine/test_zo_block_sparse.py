@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mezo_testlib import PlainSetup
+from mezo_testlib import PlainSetup, resumed_and_replayed
 
 from ferrytune.engine import active_blocks
 from ferrytune.errors import ConfigError
@@ -128,26 +128,14 @@ def test_streamed_tiers_equal_resident_and_clean_blocks_are_not_written(model, c
 
 
 def test_resume_and_replay_rebuild_a_block_sparse_run(model, cfg_factory):
-    from ferrytune.engine import ZOTrainer
-
     opts = dict(zo={"block_fraction": 0.4, "momentum": 0.9}, train={"steps": 6, "checkpoint_every_steps": 2},
                 data={"eval": None}, offload={"tier": "nvme"})
     full = cfg_factory(model, **opts)
     run(full, progress=False)
-    part = cfg_factory(model, **opts)
-    run(part.model_copy(update={"train": part.train.model_copy(update={"steps": 3})}), progress=False)
-    run(part.model_copy(update={"resume": "auto"}), progress=False)
-    a, b = _weights(full), _weights(part)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-    tr = ZOTrainer(full.model_copy(update={"output_dir": full.output_dir + "-replay", "resume": "never"}))
-    tr.setup()
-    try:
-        dest = tr.replay(f"{full.output_dir}/zo_log.jsonl")
-    finally:
-        tr.close()
-    c = load_file(f"{dest}/model.safetensors")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    resumed, replayed = resumed_and_replayed(cfg_factory(model, **opts))
+    a = _weights(full)
+    assert all(torch.equal(resumed[k], a[k]) for k in a)
+    assert all(torch.equal(replayed[k], a[k]) for k in a)
 
 
 def test_block_fraction_with_lora_trainable_is_refused(model, cfg_factory):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mezo_testlib import PlainSetup
+from mezo_testlib import PlainSetup, resumed_and_replayed
 
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.launch.train import run
@@ -70,8 +70,6 @@ def test_masked_step_equals_plain_loop(model, cfg_factory):
 
 
 def test_masked_tiers_resume_and_replay_agree(model, cfg_factory):
-    from ferrytune.engine import ZOTrainer
-
     opts = dict(zo={"mask_fraction": 0.3, "momentum": 0.5}, data={"eval": None},
                 train={"steps": 4, "lr": 1e-2, "checkpoint_every_steps": 2})
     results = {}
@@ -82,17 +80,6 @@ def test_masked_tiers_resume_and_replay_agree(model, cfg_factory):
     ref = results["resident"]
     assert all(torch.equal(results["nvme"][k], ref[k]) for k in ref)
 
-    part = cfg_factory(model, **opts)
-    run(part.model_copy(update={"train": part.train.model_copy(update={"steps": 3})}), progress=False)
-    run(part.model_copy(update={"resume": "auto"}), progress=False)  # thresholds from the checkpoint
-    resumed = load_file(f"{part.output_dir}/final/model.safetensors")
+    resumed, replayed = resumed_and_replayed(cfg_factory(model, **opts))  # thresholds from the checkpoint
     assert all(torch.equal(resumed[k], ref[k]) for k in ref)
-
-    tr = ZOTrainer(part.model_copy(update={"output_dir": part.output_dir + "-replay", "resume": "never"}))
-    tr.setup()
-    try:
-        dest = tr.replay(f"{part.output_dir}/zo_log.jsonl")
-    finally:
-        tr.close()
-    replayed = load_file(f"{dest}/model.safetensors")
     assert all(torch.equal(replayed[k], ref[k]) for k in ref)
