@@ -5,7 +5,10 @@ setup(
     version="0.1.0",
     description="Fine-tune language models larger than the accelerator: block streaming over device, host and NVMe",
     packages=find_packages(include=["ferrytune", "ferrytune.*"]),
-    package_data={"ferrytune.data": ["demo/*.jsonl"]},
+    package_data={
+        "ferrytune.data": ["demo/*.jsonl"],
+        "ferrytune.service": ["console/*.html", "console/*.js", "console/*.css"],  # the web console at /ui/
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -26,7 +29,8 @@ setup(
         # offload.io_backend: deepspeed_aio (its op is JIT-built: also needs libaio-dev and a C++ compiler)
         "aio": ["deepspeed", "ninja"],
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
-                 "matplotlib", "sqlalchemy>=2.0", "httpx", "triton"],  # triton: kernels under TRITON_INTERPRET=1
+                 "matplotlib", "sqlalchemy>=2.0", "httpx", "triton",  # triton: kernels under TRITON_INTERPRET=1
+                 "selenium>=4.20"],  # the web console's browser test (with Debian's chromium + chromium-driver)
     },
     entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
 )

@@ -37,6 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 import ferrytune
+from ferrytune.service._console import mount_console
 from ferrytune.service._limits import TenantLimits
 from ferrytune.service._paths import (
     StateLayout,
@@ -289,6 +290,7 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, li
                             filename=f"{job.id}-adapter.{'zip' if format == 'zip' else 'tar'}",
                             background=BackgroundTask(os.unlink, path))
 
+    mount_console(app)  # the web console at /ui/ (static files; it calls the routes above)
     return app
 
 
