@@ -245,7 +245,8 @@
       ["state", job.cancel_requested && ACTIVE.has(job.state) ? `${job.state} (cancel requested)` : job.state],
       ["step", `${job.step} / ${job.max_steps}`],
       ["loss", fmt(job.loss)],
-      ["tokens/s", fmt(firstNum(rowTokensPerSecond(rows), tokensPerSecond(job)), 3)],
+      ["tokens/s", `${fmt(rowTokensPerSecond(rows), 3)} over its last steps, ` +
+        `${fmt(tokensPerSecond(job), 3)} since it started (with queueing and loading)`],
       ["eval accuracy", fmt(firstNum(jobEval(job, "eval_accuracy"), lastEval.accuracy))],
       ["eval loss", fmt(firstNum(jobEval(job, "eval_loss"), lastEval.loss))],
       ["base", `${job.base} (${job.dtype})`],
@@ -313,7 +314,8 @@
       svg.append(svgEl("path", { d, class: `series ${s.cls}`, "data-points": s.points.length }));
       if (s.points.length <= MAX_DOTS) {
         for (const p of s.points) {
-          svg.append(svgEl("circle", { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.5, class: `pt ${s.cls}` }));
+          const dot = { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.5, class: `pt ${s.cls}` };
+          svg.append(svgEl("circle", dot));
         }
       }
     }
