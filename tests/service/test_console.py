@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from service_testlib import free_port, job_spec
+from service_testlib import free_port, job_spec, write_classification
 
 pytest.importorskip("ray")
 
-from ferrytune.service._client import Client
+from ferrytune.service._client import Client, ClientError
 from ferrytune.service._controller import ControllerSettings
 from ferrytune.service._service import Service, ServiceConfig
 from ferrytune.service.cli import main as cli_main
@@ -264,12 +264,9 @@ def test_tenant_sees_its_jobs_curve_spec_and_log_and_hostile_text_stays_text(svc
     pixels = Image.open(chart_png).convert("RGB").getdata()
     painted = sum(1 for p in pixels if all(abs(a - b) < 40 for a, b in zip(p, TRAIN_RGB)))
     assert painted > 200, f"only {painted} pixels of the loss line's colour"
-    evals = [r for r in rows if r.get("eval_accuracy") is not None]
-    if not evals:  # no evaluation in this job: the eval chart says so
-        assert "no evaluation" in js(driver, "return document.getElementById('eval-chart').textContent")
-    else:
-        assert driver.find_element(By.CSS_SELECTOR, "#eval-chart path.series.eval").get_attribute(
-            "data-points") == str(len(evals))
+    # no data.eval in this job: the eval chart says so (test_eval_curves draws one)
+    assert not svc.alice.metrics(svc.hostile).get("evals")
+    assert "no evaluation" in js(driver, "return document.getElementById('eval-chart').textContent")
 
     assert js(driver, "return document.getElementById('spec').textContent") == svc.hostile_spec
     logs = svc.alice.logs(svc.hostile)
@@ -353,3 +350,39 @@ def test_another_tenant_sees_none_of_them(svc, open_browser, tmp_path):
     driver.refresh()
     wait_page(driver, lambda d: js(d, "return !document.getElementById('signin').hidden"), "the sign-in form")
     assert js(driver, "return sessionStorage.length") == 0 and listed_ids(driver) == []
+
+
+def test_eval_curves_and_columns(svc, open_browser, tmp_path):
+    """A job with data.eval: its eval accuracy and loss in the list, its eval curves drawn point for point."""
+    from selenium.webdriver.common.by import By
+
+    write_classification(tmp_path / "eval.jsonl", 12, seed=7)
+    svc.alice.upload(tmp_path / "eval.jsonl", "eval.jsonl")
+    spec = job_spec("tiny", "train.jsonl", steps=6)
+    spec["data"]["eval"] = "eval.jsonl"
+    spec["train"]["eval_every_steps"] = 2
+    try:
+        job_id = svc.alice.submit_text(yaml.safe_dump({**spec, "name": "with-eval"}))["id"]
+    except ClientError as e:
+        if e.status == 400 and "data.eval" in str(e):
+            pytest.skip(f"this service does not evaluate jobs yet: {e}")
+        raise
+    job = wait_for(svc.alice, job_id, lambda j: j["state"] == "succeeded")
+    evals = svc.alice.metrics(job_id)["evals"]
+    assert len(evals) >= 3 and job["eval_accuracy"] is not None and job["eval_loss"] is not None
+
+    driver = open_browser("eval")
+    sign_in(driver, svc.url, svc.tokens["alice"])
+    wait_page(driver, lambda d: job_id in listed_ids(d), "the job with evaluation")
+    cells = row_cells(driver, job_id)
+    assert float(cells["Eval accuracy"]) == pytest.approx(job["eval_accuracy"], rel=1e-3)
+    assert float(cells["Eval loss"]) == pytest.approx(job["eval_loss"], rel=1e-3)
+    open_job(driver, job_id)
+    accuracy = driver.find_element(By.CSS_SELECTOR, "#eval-chart path.series.eval")
+    assert accuracy.get_attribute("data-points") == str(sum(r["eval_accuracy"] is not None for r in evals))
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#eval-chart circle.pt.eval")) == len(evals)
+    eval_loss = driver.find_element(By.CSS_SELECTOR, "#loss-chart path.series.eval")
+    assert eval_loss.get_attribute("data-points") == str(len(evals))
+    train = driver.find_element(By.CSS_SELECTOR, "#loss-chart path.series.train")
+    assert train.get_attribute("data-points") == str(len(svc.alice.metrics(job_id)["metrics"]))
+    screenshot(driver, tmp_path, "eval-job")

@@ -226,13 +226,15 @@
     return dt > 0 ? tokens / dt : null;
   }
 
-  // Eval points: rows of metrics that carry eval_loss / eval_accuracy, or a separate "eval" list.
+  // Eval points: the metrics answer's "evals" rows ({step, eval_loss, eval_accuracy, ...}), else
+  // training rows that carry eval_loss / eval_accuracy themselves.
   function evalRows(metrics) {
-    const source = Array.isArray(metrics.eval) ? metrics.eval : (metrics.metrics || []);
+    const list = [metrics.evals, metrics.eval].find(Array.isArray);
+    const source = list || metrics.metrics || [];
     return source.map((r) => ({
       step: r.step,
-      loss: firstNum(r.eval_loss, Array.isArray(metrics.eval) ? r.loss : null),
-      accuracy: firstNum(r.eval_accuracy, Array.isArray(metrics.eval) ? r.accuracy : null),
+      loss: firstNum(r.eval_loss, list ? r.loss : null),
+      accuracy: firstNum(r.eval_accuracy, list ? r.accuracy : null),
     })).filter((r) => isNum(r.step) && (r.loss !== null || r.accuracy !== null));
   }
 
