@@ -120,6 +120,7 @@ def open_browser(browser_available, tmp_path):
     from selenium.webdriver.chrome.service import Service as DriverService
 
     drivers = []
+    stack = contextlib.ExitStack()  # quits every browser even if quitting one raises
 
     def open_one(name: str):
         downloads = tmp_path / f"{name}-downloads"
@@ -135,21 +136,19 @@ def open_browser(browser_available, tmp_path):
             "download.directory_upgrade": True, "safebrowsing.enabled": False})
         service = DriverService(executable_path=CHROMEDRIVER, log_output=str(tmp_path / f"{name}-chromedriver.log"))
         driver = webdriver.Chrome(options=options, service=service)  # quits its chromedriver itself if this fails
+        stack.callback(driver.quit)  # the browser, then its chromedriver
         drivers.append((name, driver))
         driver.set_script_timeout(PAGE_WAIT_S)
         driver.downloads = downloads
         return driver
 
-    try:
-        yield open_one
-    finally:
-        for name, driver in drivers:
-            try:
-                screenshot(driver, tmp_path, f"{name}-last")
-            except Exception:
-                pass
-            finally:
-                driver.quit()
+    with stack:
+        try:
+            yield open_one
+        finally:
+            for name, driver in drivers:
+                with contextlib.suppress(Exception):  # the page as it was at the end, pass or fail
+                    screenshot(driver, tmp_path, f"{name}-last")
 
 
 def screenshot(driver, tmp_path: Path, name: str) -> None:
@@ -279,6 +278,10 @@ def test_tenant_sees_its_jobs_curve_spec_and_log_and_hostile_text_stays_text(svc
     assert js(driver, "return document.querySelectorAll('img, b, iframe, object, embed').length") == 0
     assert js(driver, "return [...document.scripts].map(s => s.getAttribute('src'))") == ["console.js"]
     assert js(driver, "return typeof window.__pwned") == "undefined"
+    # and the browser got the CSP: an inline script put into the page does not run
+    ran = js(driver, "const s = document.createElement('script'); s.textContent = 'window.__inline = 1'; "
+                     "document.body.append(s); return typeof window.__inline")
+    assert ran == "undefined"
     # the token went only into headers: not in a URL the page fetched, not in a cookie
     token = svc.tokens["alice"]
     fetched = js(driver, "return performance.getEntriesByType('resource').map(e => e.name)")
@@ -341,9 +344,9 @@ def test_another_tenant_sees_none_of_them(svc, open_browser, tmp_path):
     sign_in(driver, svc.url, svc.tokens["bob"])
     wait_page(driver, signed_in_with_list, "the job list")
     assert listed_ids(driver) == [j["id"] for j in svc.bob.jobs()] == [svc.bobs]
-    text = js(driver, "return document.documentElement.outerHTML")
-    for other in [j["id"] for j in svc.alice.jobs()] + [HOSTILE, "alice-plain-job"]:
-        assert other not in text
+    html, text = js(driver, "return [document.documentElement.outerHTML, document.body.textContent]")
+    for other in [j["id"] for j in svc.alice.jobs()] + ["alice-plain-job", "onerror"]:
+        assert other not in html and other not in text, other
     screenshot(driver, tmp_path, "bob-jobs")
     # signing out forgets the token: a reload shows the sign-in form, not bob's jobs
     js(driver, "document.getElementById('signout').click()")
