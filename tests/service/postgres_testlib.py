@@ -7,16 +7,25 @@ chowned to it). Durability is off (``fsync=off``): the tests never crash the ser
 it is deleted at the end. ``FERRYTUNE_TEST_POSTGRES_URL`` (a URL of a server where its
 user may create databases) replaces it.
 
+:meth:`PostgresServer.stop` stops the server and deletes its folder (the session fixture
+calls it on every exit path pytest runs teardown on). For the paths it does not (the test
+process killed by SIGKILL or SIGTERM), a guard process holds the read end of a pipe from the
+test process: when the pipe closes without a ``stop`` line, it stops the server
+(``pg_ctl stop -m immediate``) and deletes the folder. Run as ``python postgres_testlib.py
+--guard ROOT BIN_DIR UID GID``.
+
 A plain module with a unique name (test folders have no __init__.py).
 """
 
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 
@@ -52,6 +61,7 @@ class PostgresServer:
                  run_as: pwd.struct_passwd | None = None):
         self.admin_url = sa.engine.make_url(admin_url)
         self.root, self.bin_dir, self.run_as = root, bin_dir, run_as
+        self._guard: subprocess.Popen | None = None
         self._admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
 
     # ---- lifecycle ----
@@ -59,7 +69,7 @@ class PostgresServer:
     def start(cls) -> PostgresServer:
         """The server of ``FERRYTUNE_TEST_POSTGRES_URL``, else a new one; PostgresUnavailable if neither."""
         try:
-            import psycopg  # noqa: F401  - the driver the store uses
+            importlib.import_module("psycopg")  # the driver the store uses
         except ImportError as e:
             raise PostgresUnavailable(f"psycopg is not installed ({e}): pip install 'ferrytune[postgres]'") from None
         if os.environ.get(ENV_URL):
@@ -75,10 +85,11 @@ class PostgresServer:
                 raise PostgresUnavailable("running as root and there is no 'postgres' user to run the server as "
                                           "(initdb refuses root)") from None
         root = tempfile.mkdtemp(prefix="ferrytune-pg-")  # short: a socket path has at most 107 bytes
-        server = None
+        server = guard = None
         try:
             if run_as is not None:
                 os.chown(root, run_as.pw_uid, run_as.pw_gid)
+            guard = _start_guard(root, bin_dir, run_as)
             data, log = os.path.join(root, "data"), os.path.join(root, "server.log")
             _run(run_as, [os.path.join(bin_dir, "initdb"), "-D", data, "-U", _USER, "--auth=trust", "-E", "UTF8",
                           "--locale=C", "--no-sync"], what="initdb")
@@ -86,6 +97,7 @@ class PostgresServer:
                        "-c full_page_writes=off -c max_connections=200")
             server = cls(f"postgresql+psycopg://{_USER}@/postgres?host={root}&port={_PORT}", root=root,
                          bin_dir=bin_dir, run_as=run_as)
+            server._guard, guard = guard, None
             _run(run_as, [os.path.join(bin_dir, "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "-o", options,
                           "start"], what="pg_ctl start", log=log)
             server._check()
@@ -94,6 +106,9 @@ class PostgresServer:
             if server is not None:
                 server.stop()
             else:
+                if guard is not None:  # its pipe closes without "stop": it cleans up, we wait for it
+                    guard.stdin.close()
+                    guard.wait(60)
                 shutil.rmtree(root, ignore_errors=True)
             raise
 
@@ -114,6 +129,14 @@ class PostgresServer:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+            if self._guard is not None:
+                try:
+                    self._guard.stdin.write(b"stop\n")
+                    self._guard.stdin.close()
+                except OSError:
+                    pass
+                self._guard.wait(60)
+                self._guard = None
 
     def _check(self) -> None:
         try:
@@ -137,6 +160,30 @@ class PostgresServer:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _start_guard(root: str, bin_dir: str, run_as: pwd.struct_passwd | None) -> subprocess.Popen:
+    ids = [str(run_as.pw_uid), str(run_as.pw_gid)] if run_as is not None else ["-1", "-1"]
+    # its own session: a Ctrl-C of the test run reaches pytest (which tears down), not the guard
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--guard", root, bin_dir, *ids],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+def _guard_main(root: str, bin_dir: str, uid: int, gid: int) -> None:
+    """Wait for the test process's pipe to close; unless it said ``stop``, stop the server and delete ``root``."""
+    said = sys.stdin.buffer.read()
+    if said.strip() == b"stop":
+        return
+    data = os.path.join(root, "data")
+    if os.path.exists(os.path.join(data, "postmaster.pid")):
+        run_as = pwd.getpwuid(uid) if uid >= 0 else None
+        try:
+            _run(run_as, [os.path.join(bin_dir, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "-t", "30", "stop"],
+                 what="pg_ctl stop")
+        except (PostgresUnavailable, subprocess.TimeoutExpired):
+            pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def _run(run_as: pwd.struct_passwd | None, cmd: list[str], *, what: str, log: str | None = None) -> None:
     kwargs = {}
     if run_as is not None:  # as root: the server's own user, its groups only
@@ -149,3 +196,7 @@ def _run(run_as: pwd.struct_passwd | None, cmd: list[str], *, what: str, log: st
             with open(log) as f:
                 detail += f.read().strip().splitlines()[-3:]
         raise PostgresUnavailable(f"{what} failed (exit {done.returncode}): {' | '.join(detail[-4:])}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--guard"]:
+    _guard_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
