@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import aiofiles
 import aiofiles.os
@@ -239,7 +240,7 @@ async def _file_response(path: str | os.PathLike, *, media_type: str, filename: 
                 await f.close()
 
     return StreamingResponse(chunks(), media_type=media_type, headers={
-        "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"'})
+        "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}"})
 
 
 @dataclass(frozen=True)

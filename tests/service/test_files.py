@@ -125,6 +125,7 @@ def test_an_upload_in_many_chunks_comes_back_byte_identical(api):
     got = requests.get(f"{s.url}/v1/files/train.jsonl", headers=s.headers, timeout=60)
     assert got.status_code == 200 and got.content == data
     assert int(got.headers["content-length"]) == len(data)
+    assert got.headers["content-disposition"] == "attachment; filename*=UTF-8''train.jsonl"
     assert requests.get(f"{s.url}/v1/files/train.jsonl", headers=s.other, timeout=10).status_code == 404
     assert requests.get(f"{s.url}/v1/files/missing.jsonl", headers=s.headers, timeout=10).status_code == 404
     listed = requests.get(f"{s.url}/v1/files", headers=s.headers, timeout=10).json()
