@@ -24,13 +24,18 @@ setup(
     ],
     extras_require={
         "lora": ["peft>=0.13"],
-        "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib", "sqlalchemy>=2.0"],
+        "service": ["ray[default,train]>=2.30", "fastapi", "uvicorn", "requests", "matplotlib", "sqlalchemy>=2.0",
+                    "aiofiles>=23"],
+        # the job store on PostgreSQL: ferrytune serve --db postgresql+psycopg://user:pw@host/db
+        "postgres": ["psycopg[binary]>=3.1"],
         "gpu": ["nvidia-ml-py", "triton"],  # NVML telemetry (imports as pynvml) and the CUDA kernels
         # offload.io_backend: deepspeed_aio (its op is JIT-built: also needs libaio-dev and a C++ compiler)
         "aio": ["deepspeed", "ninja"],
+        # triton: kernels under TRITON_INTERPRET=1; psycopg: the job-store tests' PostgreSQL leg;
+        # selenium: the web console's browser test (with Debian's chromium + chromium-driver)
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
-                 "matplotlib", "sqlalchemy>=2.0", "httpx", "triton",  # triton: kernels under TRITON_INTERPRET=1
-                 "selenium>=4.20"],  # the web console's browser test (with Debian's chromium + chromium-driver)
+                 "matplotlib", "sqlalchemy>=2.0", "aiofiles>=23", "psycopg[binary]>=3.1", "httpx", "triton",
+                 "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
 )

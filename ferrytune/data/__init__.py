@@ -1,6 +1,6 @@
 """Datasets, prompt templates and verbalizers, deterministic resumable batching.
 
-Pipeline: ``load_jsonl`` (validate rows) -> ``encode`` (tokens, loss positions)
+Pipeline: ``load_jsonl`` (validate rows; ``JsonlChecker``: the same rules on a stream) -> ``encode`` (tokens, loss positions)
 -> ``Batcher.batches_for_step`` (micro-batches of step s) -> model ->
 ``gather_positions`` -> ``loss_per_sample`` / ``correct_per_sample``.
 ``load_examples(cfg.data, tokenizer)`` runs the first two steps from a config.
@@ -11,7 +11,7 @@ from pathlib import Path
 from ferrytune.data._batch import Batch, collate, correct_per_sample, gather_positions, loss_per_sample, pad_positions
 from ferrytune.data._batcher import Batcher, eval_batches, shard
 from ferrytune.data._encode import Example, encode, load_examples, load_tokenizer, pad_id_for, verbalizer_token_ids
-from ferrytune.data._jsonl import ClassificationRow, CompletionRow, Dataset, load_jsonl
+from ferrytune.data._jsonl import ClassificationRow, CompletionRow, Dataset, JsonlChecker, load_jsonl
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 """Packaged demo data: ``train.jsonl`` (200 rows) and ``dev.jsonl`` (100 rows) of rt-polarity."""
@@ -32,6 +32,7 @@ __all__ = [
     "DEMO_DIR",
     "Dataset",
     "Example",
+    "JsonlChecker",
     "collate",
     "correct_per_sample",
     "demo_data_path",

@@ -7,6 +7,9 @@ Two row formats, one per line of the file:
 
 Other keys on a row are ignored. Blank lines are skipped. Every problem raises a
 :class:`DataError` of one line that names the file and the 1-based line number.
+
+:func:`load_jsonl` reads a file; :class:`JsonlChecker` applies the same rules to bytes as
+they arrive (the service checks an upload while it streams in, with a cap on a line's length).
 """
 
 from __future__ import annotations
@@ -88,32 +91,93 @@ def load_jsonl(path: str | os.PathLike, *, format: str = "auto", num_labels: int
         raise DataError(f"{name}: file not found")
     if not os.path.isfile(path):
         raise DataError(f"{name}: not a file")
-    rows: list[Row] = []
-    fmt = None if format == "auto" else format
+    checker = JsonlChecker(name, format=format, num_labels=num_labels, keep_rows=True)
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            obj = _parse_line(raw, name, lineno)
-            if obj is None:
-                continue
-            if fmt is None:
-                fmt = _detect_format(obj, name, lineno)
-            rows.append(_make_row(obj, fmt, name, lineno, num_labels))
-    if not rows:
-        raise DataError(f"{name}: empty file (no rows)")
-    return Dataset(path=path, format=fmt, rows=tuple(rows))
+        for raw in f:
+            checker.line(raw)
+    checker.finish()
+    return Dataset(path=path, format=checker.format, rows=tuple(checker.rows))
+
+
+class JsonlChecker:
+    """The rows of a JSONL dataset checked one line at a time: :func:`load_jsonl`'s rules, fed as bytes arrive.
+
+    ``feed(chunk)`` takes any piece of the file (lines may span pieces); ``line(raw)`` one
+    whole line; ``finish()`` checks the last line and that there was a row, and returns the
+    number of rows. Each raises :class:`DataError` at the first bad line, naming it.
+    With ``max_line_bytes`` a line longer than that is refused as soon as it passes the cap,
+    so a checker never buffers more than one line of at most that many bytes.
+    """
+
+    def __init__(self, name: str, *, format: str = "auto", num_labels: int | None = None,
+                 max_line_bytes: int | None = None, keep_rows: bool = False):
+        if format not in ("auto", *_KEYS):
+            raise ValueError(f"format must be 'auto', 'classification' or 'completion' (got {format!r})")
+        self.name = name
+        self.format: Format | None = None if format == "auto" else format  # type: ignore[assignment]
+        self.num_labels = num_labels
+        self.max_line_bytes = max_line_bytes
+        self.rows: list[Row] = []
+        self.num_rows = 0
+        self._keep = keep_rows
+        self._lineno = 0
+        self._partial = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._partial += chunk[start:]
+                self._check_length(len(self._partial))
+                return
+            if self._partial:
+                self._partial += chunk[start:end + 1]
+                raw, self._partial = bytes(self._partial), bytearray()
+            else:
+                raw = chunk[start:end + 1]
+            self.line(raw)
+            start = end + 1
+
+    def line(self, raw: bytes) -> None:
+        self._lineno += 1
+        self._check_length(len(raw.rstrip(b"\r\n")), lineno=self._lineno)
+        obj = _parse_line(raw, self.name, self._lineno)
+        if obj is None:
+            return
+        if self.format is None:
+            self.format = _detect_format(obj, self.name, self._lineno)
+        row = _make_row(obj, self.format, self.name, self._lineno, self.num_labels)
+        self.num_rows += 1
+        if self._keep:
+            self.rows.append(row)
+
+    def finish(self) -> int:
+        if self._partial:
+            raw, self._partial = bytes(self._partial), bytearray()
+            self.line(raw)
+        if not self.num_rows:
+            raise DataError(f"{self.name}: empty file (no rows)")
+        return self.num_rows
+
+    def _check_length(self, size: int, *, lineno: int | None = None) -> None:
+        if self.max_line_bytes is not None and size > self.max_line_bytes:
+            raise DataError(f"{self.name}:{lineno or self._lineno + 1}: line longer than {self.max_line_bytes} bytes; "
+                            "shorten it (one row per line)")
 
 
 def _parse_line(raw: bytes, name: str, lineno: int) -> dict | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise DataError(f"{name}:{lineno}: not valid UTF-8") from None
+        raise DataError(f"{name}:{lineno}: not valid UTF-8 (save the file as UTF-8)") from None
     if not text.strip():
         return None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{name}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{name}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                        "write one JSON object per line") from None
     if not isinstance(obj, dict):
         raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
     return obj

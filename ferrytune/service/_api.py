@@ -11,6 +11,12 @@ client address that fails authentication too often is answered 429 for a while, 
 its token is even looked at. A submission is checked completely (spec, limits, the
 dataset's every line, the worker's memory) before it is stored, and a refused one leaves
 nothing on disk.
+
+Files stream in chunks through ``aiofiles`` (the event loop never waits on the disk): an
+upload is written to a temporary file beside its target as it arrives, each line checked
+as a dataset row (:class:`ferrytune.data.JsonlChecker`, the rules of the trainer's reader),
+then fsynced and renamed over the target; a refused upload (413, a bad line's 400) leaves
+nothing. Downloads (an uploaded file, an adapter archive) are read in chunks the same way.
 """
 
 from __future__ import annotations
@@ -30,13 +36,19 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
+import aiofiles
+import aiofiles.os
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import ferrytune
+from ferrytune.atomic import fsync_dir
+from ferrytune.data import JsonlChecker
+from ferrytune.errors import DataError
 from ferrytune.service._console import mount_console
 from ferrytune.service._limits import TenantLimits
 from ferrytune.service._paths import (
@@ -65,6 +77,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["AuthLimiter", "create_app"]
 
 MAX_SPEC_BYTES = 1 << 20
+MAX_LINE_BYTES = 1 << 20
+"""One line (row) of an uploaded dataset; a longer one is refused (400) as it passes this."""
+_CHUNK_BYTES = 1 << 20  # a download's read size
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 
 
@@ -136,26 +151,97 @@ def _tenant(request: Request) -> TenantRecord:
 Tenant = Annotated[TenantRecord, Depends(_tenant)]
 
 
-async def _read_capped(request: Request, cap: int, what: str, *, sink=None) -> bytes | int:
-    """The request body, refused with 413 the moment it passes ``cap`` bytes.
+async def _capped_chunks(request: Request, cap: int, what: str):
+    """The request body's chunks as they arrive, refused with 413 the moment they pass ``cap`` bytes.
 
     A declared Content-Length over the cap is refused before a byte of the body is read.
-    With ``sink`` (a callable taking each chunk) the body is streamed to it and its size is
-    returned; otherwise the body is returned (it is at most ``cap`` bytes).
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise HTTPException(413, f"{what}: {int(declared)} bytes is more than the {cap} bytes allowed")
-    parts, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
             raise HTTPException(413, f"{what}: more than the {cap} bytes allowed")
-        if sink is not None:
-            sink(chunk)
-        else:
-            parts.append(chunk)
-    return size if sink is not None else b"".join(parts)
+        yield chunk
+
+
+async def _read_capped(request: Request, cap: int, what: str) -> bytes:
+    """The whole request body (at most ``cap`` bytes; 413 past it)."""
+    return b"".join([chunk async for chunk in _capped_chunks(request, cap, what)])
+
+
+async def _receive_dataset(request: Request, folder: Path, target: Path, cap: int, what: str,
+                           checker: JsonlChecker) -> tuple[int, str]:
+    """Stream the body into ``target`` atomically, checking each line as it arrives; (bytes, sha256).
+
+    The bytes go to a temporary file beside the target (0600) with ``aiofiles``, then fsync,
+    rename and fsync of the folder. A 413, a bad line (400) or a dropped connection removes
+    the temporary file: ``target`` keeps what it held before, or stays absent.
+    """
+    digest, size, done = hashlib.sha256(), 0, False
+    fd, tmp = await run_in_threadpool(tempfile.mkstemp, prefix=".upload-", dir=folder)
+    try:
+        try:
+            f = await aiofiles.open(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            async for chunk in _capped_chunks(request, cap, what):
+                checker.feed(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                await f.write(chunk)
+            checker.finish()
+            await f.flush()
+            await run_in_threadpool(os.fsync, f.fileno())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await f.close()
+        await aiofiles.os.replace(tmp, target)
+        done = True
+        await run_in_threadpool(fsync_dir, folder)
+    except DataError as e:
+        raise HTTPException(400, str(e)) from None
+    finally:
+        if not done:
+            with anyio.CancelScope(shield=True):  # also when the client went away mid-upload
+                try:
+                    await aiofiles.os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+    return size, digest.hexdigest()
+
+
+async def _file_response(path: str | os.PathLike, *, media_type: str, filename: str,
+                         delete: bool = False) -> StreamingResponse:
+    """``path`` streamed in chunks with ``aiofiles``; with ``delete`` it is unlinked once open (nothing stays)."""
+    try:
+        f = await aiofiles.open(path, "rb")
+    except BaseException:
+        if delete:
+            await aiofiles.os.unlink(path)
+        raise
+    try:
+        size = (await aiofiles.os.stat(path)).st_size
+        if delete:
+            await aiofiles.os.unlink(path)  # the open file stays readable; the disk space goes when it closes
+    except BaseException:
+        await f.close()
+        raise
+
+    async def chunks():
+        try:
+            while chunk := await f.read(_CHUNK_BYTES):
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):  # closed also when the client went away
+                await f.close()
+
+    return StreamingResponse(chunks(), media_type=media_type, headers={
+        "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}"})
 
 
 @dataclass(frozen=True)
@@ -203,27 +289,25 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, li
     @app.put("/v1/files/{name}", status_code=201)
     async def upload(name: str, request: Request, t: Tenant) -> dict:
         check_file_name(name)
-        layout.ensure_tenant(t.name)
-        target = resolve_inside(layout.files_dir(t.name), name, field="file name")
+        await run_in_threadpool(layout.ensure_tenant, t.name)
+        folder = layout.files_dir(t.name)
+        target = await run_in_threadpool(resolve_inside, folder, name, field="file name")
         limits = ctx.limits(t)
         disk_left = limits.max_disk_bytes - await run_in_threadpool(layout.disk_bytes, t.name)
         cap, what = limits.max_dataset_bytes, f"file {name!r} (max_dataset_bytes)"
         if disk_left < cap:
             cap, what = max(0, disk_left), f"file {name!r} (max_disk_bytes: {max(0, disk_left)} bytes left)"
-        digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=layout.files_dir(t.name))  # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                def write(chunk: bytes) -> None:
-                    digest.update(chunk)
-                    f.write(chunk)
+        checker = JsonlChecker(name, max_line_bytes=MAX_LINE_BYTES)
+        size, sha256 = await _receive_dataset(request, folder, target, cap, what, checker)
+        return {"name": name, "bytes": size, "sha256": sha256, "rows": checker.num_rows}
 
-                size = await _read_capped(request, cap, what, sink=write)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return {"name": name, "bytes": size, "sha256": digest.hexdigest()}
+    @app.get("/v1/files/{name}")
+    async def download(name: str, t: Tenant) -> StreamingResponse:
+        check_file_name(name)
+        path = await run_in_threadpool(resolve_inside, layout.files_dir(t.name), name, field="file name")
+        if not await aiofiles.os.path.isfile(path):
+            raise HTTPException(404, f"file {name!r} not found; upload it first")
+        return await _file_response(path, media_type="application/octet-stream", filename=name)
 
     @app.get("/v1/files")
     def files(t: Tenant) -> dict:
@@ -279,16 +363,15 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, li
         return store.request_cancel(job_id, tenant=t.name).public()
 
     @app.get("/v1/jobs/{job_id}/adapter")
-    def adapter(job_id: str, t: Tenant, format: str = "tar") -> FileResponse:
-        job = own_job(job_id, t)
+    async def adapter(job_id: str, t: Tenant, format: str = "tar") -> StreamingResponse:
+        job = await run_in_threadpool(own_job, job_id, t)
         if job.state != JobState.SUCCEEDED:
             raise HTTPException(409, f"job {job_id} is {job.state.value}; its adapter exists once it succeeded")
         if format not in ("tar", "zip"):
             raise HTTPException(400, f"format: must be 'tar' or 'zip' (got {format!r})")
-        path = _archive(Path(job.adapter_dir), format)
-        return FileResponse(path, media_type="application/zip" if format == "zip" else "application/x-tar",
-                            filename=f"{job.id}-adapter.{'zip' if format == 'zip' else 'tar'}",
-                            background=BackgroundTask(os.unlink, path))
+        path = await run_in_threadpool(_archive, Path(job.adapter_dir), format)
+        return await _file_response(path, media_type="application/zip" if format == "zip" else "application/x-tar",
+                                    filename=f"{job.id}-adapter.{'zip' if format == 'zip' else 'tar'}", delete=True)
 
     mount_console(app)  # the web console at /ui/ (static files; it calls the routes above)
     return app
@@ -377,16 +460,20 @@ def _archive(folder: Path, fmt: str) -> str:
     if not folder.is_dir():
         raise HTTPException(410, "the adapter folder is gone from the server")
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    fd, path = tempfile.mkstemp(suffix=f".{fmt}")
-    with os.fdopen(fd, "wb") as f:
-        if fmt == "zip":
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-                for p in files:
-                    z.write(p, p.name)
-        else:
-            with tarfile.open(fileobj=f, mode="w") as tar:
-                for p in files:
-                    tar.add(p, arcname=p.name, recursive=False)
+    fd, path = tempfile.mkstemp(prefix=".ferrytune-adapter-", suffix=f".{fmt}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if fmt == "zip":
+                with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+                    for p in files:
+                        z.write(p, p.name)
+            else:
+                with tarfile.open(fileobj=f, mode="w") as tar:
+                    for p in files:
+                        tar.add(p, arcname=p.name, recursive=False)
+    except BaseException:
+        os.unlink(path)
+        raise
     return path
 
 

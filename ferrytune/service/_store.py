@@ -1,7 +1,8 @@
 """The job store: tenants, jobs, their transitions, events and metrics, in a real database.
 
-SQLite (a file under the state dir) by default; any SQLAlchemy URL works, e.g.
-``postgresql+psycopg://user:pw@host/db`` (install the driver). Everything the service
+SQLite (a file under the state dir) by default, or PostgreSQL:
+``postgresql+psycopg://user:pw@host/db`` (``pip install 'ferrytune[postgres]'``; a plain
+``postgresql://`` URL uses psycopg too). Both run the same tests. Everything the service
 knows about a job lives here, so a restart of the service loses nothing: it re-reads
 the jobs and re-queues those that were running (they resume from their checkpoints).
 
@@ -15,6 +16,16 @@ tenants revoke | rotate`` while the service runs) take effect on the next reques
 A SQLite job store is created ``0600`` (its WAL and shared-memory files inherit that mode).
 Tables missing a column that a later version added get it on open (``ALTER TABLE ... ADD
 COLUMN``), so an existing state dir keeps working.
+
+Concurrency. SQLite has one writer at a time (every transaction here is ``BEGIN
+IMMEDIATE``; writers queue on the busy timeout). PostgreSQL runs transactions side by
+side (READ COMMITTED), so nothing here may rely on a single writer: a state change is
+one conditional ``UPDATE ... WHERE state = old`` (PostgreSQL re-checks the condition on
+the locked row, so of two racing transitions exactly one applies), counters are
+incremented in SQL (``tokens = tokens + n``), a read-modify-write (``set_limits``) locks
+its row (``SELECT ... FOR UPDATE``), a duplicate tenant name is caught by its key, and
+schema creation and migration run in one transaction under an advisory lock, so two
+processes opening a new database at once (``serve`` and ``tenants add``) take turns.
 """
 
 from __future__ import annotations
@@ -40,11 +51,12 @@ from ferrytune.service._states import JobState, check_transition
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TENANT_NAME_RE", "JobRecord", "JobStore", "NewJob", "TenantError", "TenantRecord"]
+__all__ = ["TENANT_NAME_RE", "JobRecord", "JobStore", "NewJob", "StoreError", "TenantError", "TenantRecord"]
 
 TENANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _TOKEN_RE = re.compile(r"ftk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})")
 _SQLITE_BUSY_TIMEOUT_S = 30.0
+_SCHEMA_LOCK_KEY = 0x66747374  # pg_advisory_xact_lock key of schema creation / migration ("ftst")
 
 _meta = sa.MetaData()
 _tenants = sa.Table(
@@ -108,6 +120,10 @@ _metrics = _job_log(
 
 class TenantError(FerrytuneError):
     """A tenant name is invalid or already taken."""
+
+
+class StoreError(FerrytuneError):
+    """The job store cannot be opened (no driver, no server, bad URL); one line, password hidden."""
 
 
 @dataclass(frozen=True)
@@ -216,16 +232,37 @@ class JobStore:
 
     @classmethod
     def open(cls, url: str) -> JobStore:
-        """Connect and create the tables that are missing."""
-        if url.startswith("sqlite"):
-            _private_sqlite_file(url)
-            engine = sa.create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S})
-            _sqlite_immediate_transactions(engine)
-        else:
-            engine = sa.create_engine(url, pool_pre_ping=True)
-        _meta.create_all(engine)
-        _add_missing_columns(engine)
+        """Connect, create the tables that are missing and add the columns that are missing."""
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError:
+            raise StoreError("--db: not a database URL (e.g. sqlite:///PATH or "
+                             "postgresql+psycopg://user:pw@host/db)") from None
+        shown = parsed.render_as_string(hide_password=True)
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # not SQLAlchemy's default, psycopg2
+        try:
+            if parsed.get_backend_name() == "sqlite":
+                _private_sqlite_file(parsed)
+                engine = sa.create_engine(
+                    parsed, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S})
+                _sqlite_immediate_transactions(engine)
+            else:
+                engine = sa.create_engine(parsed, pool_pre_ping=True)
+        except ModuleNotFoundError as e:
+            extra = " (pip install 'ferrytune[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+            raise StoreError(f"--db {shown}: the database driver is not installed: {e}{extra}") from None
+        except sa.exc.ArgumentError as e:
+            raise StoreError(f"--db {shown}: {' '.join(str(e).split())}") from None
+        try:
+            _create_schema(engine)
+        except sa.exc.OperationalError as e:
+            engine.dispose()
+            first = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e).splitlines()[0]
+            raise StoreError(f"--db {shown}: cannot open the job store: {first}") from None
+        except BaseException:
+            engine.dispose()
+            raise
         return cls(engine)
 
     def close(self) -> None:
@@ -239,12 +276,15 @@ class JobStore:
         if not weight > 0:
             raise TenantError(f"--weight must be > 0 (got {weight})")
         key_id, secret, salt = _new_secret()
-        with self._engine.begin() as conn:
-            if conn.execute(sa.select(_tenants.c.name).where(_tenants.c.name == name)).first():
-                raise TenantError(f"tenant {name!r} already exists")
-            conn.execute(_tenants.insert().values(
-                name=name, key_id=key_id, salt=salt, token_hash=_hash(salt, secret), weight=float(weight),
-                created_at=time.time()))
+        try:
+            with self._engine.begin() as conn:
+                if conn.execute(sa.select(_tenants.c.name).where(_tenants.c.name == name)).first():
+                    raise TenantError(f"tenant {name!r} already exists")
+                conn.execute(_tenants.insert().values(
+                    name=name, key_id=key_id, salt=salt, token_hash=_hash(salt, secret), weight=float(weight),
+                    created_at=time.time()))
+        except sa.exc.IntegrityError:  # PostgreSQL: another process added it between our check and insert
+            raise TenantError(f"tenant {name!r} already exists") from None
         return f"ftk_{key_id}_{secret}"
 
     def rotate_token(self, name: str) -> str:
@@ -269,7 +309,8 @@ class JobStore:
             raise TenantError(f"unknown limit(s) {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(TenantLimits.names())}")
         with self._engine.begin() as conn:
-            row = conn.execute(sa.select(_tenants).where(_tenants.c.name == name)).first()
+            # FOR UPDATE: two concurrent merges on PostgreSQL apply one after the other (SQLite: no-op)
+            row = conn.execute(sa.select(_tenants).where(_tenants.c.name == name).with_for_update()).first()
             if row is None:
                 raise TenantError(f"tenant {name!r}: no such tenant")
             merged = {**(json.loads(row.limits_json) if row.limits_json else {}), **overrides}
@@ -360,16 +401,17 @@ class JobStore:
         now = time.time()
         with self._engine.begin() as conn:
             done = conn.execute(_jobs.update().where(_jobs.c.id == job_id, _jobs.c.state == old.value).values(
-                state=new.value, updated_at=now, **values))
+                state=new.value, updated_at=now, **{k: _text(v) for k, v in values.items()}))
             if not done.rowcount:
                 return False
             conn.execute(_events.insert().values(
-                job_id=job_id, time=now, message=f"{old.value} -> {new.value}: {reason}"))
+                job_id=job_id, time=now, message=_text(f"{old.value} -> {new.value}: {reason}")))
         return True
 
     def update(self, job_id: str, **values: Any) -> None:
         with self._engine.begin() as conn:
-            conn.execute(_jobs.update().where(_jobs.c.id == job_id).values(updated_at=time.time(), **values))
+            conn.execute(_jobs.update().where(_jobs.c.id == job_id).values(
+                updated_at=time.time(), **{k: _text(v) for k, v in values.items()}))
 
     def record_progress(self, job_id: str, *, step: int, checkpoint_step: int,
                         metrics: list[dict[str, float]]) -> None:
@@ -385,7 +427,7 @@ class JobStore:
 
     def add_event(self, job_id: str, message: str) -> None:
         with self._engine.begin() as conn:
-            conn.execute(_events.insert().values(job_id=job_id, time=time.time(), message=message))
+            conn.execute(_events.insert().values(job_id=job_id, time=time.time(), message=_text(message)))
 
     def events(self, job_id: str) -> list[tuple[float, str]]:
         query = sa.select(_events.c.time, _events.c.message).where(_events.c.job_id == job_id).order_by(_events.c.id)
@@ -404,6 +446,11 @@ class JobStore:
             return {t: int(n or 0) for t, n in conn.execute(query).all()}
 
 
+def _text(value: Any) -> Any:
+    """Free text as PostgreSQL can keep it: a NUL character is stored as ``\\x00`` (text there holds none)."""
+    return value.replace("\x00", "\\x00") if isinstance(value, str) else value
+
+
 def _hash(salt: str, secret: str) -> str:
     return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
 
@@ -413,12 +460,12 @@ def _new_secret() -> tuple[str, str, str]:
     return secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
 
 
-def _private_sqlite_file(url: str) -> None:
+def _private_sqlite_file(url: sa.URL) -> None:
     """Create the SQLite file 0600 (or tighten an existing one) before SQLite opens it.
 
     SQLite gives its -wal and -shm files the database file's mode, so they are 0600 too.
     """
-    path = sa.engine.make_url(url).database
+    path = url.database
     if not path or path == ":memory:" or path.startswith("file:"):
         return
     # Never open (and close) an existing database file here: closing any descriptor of it
@@ -433,17 +480,46 @@ def _private_sqlite_file(url: str) -> None:
             pass
 
 
-def _add_missing_columns(engine: sa.Engine) -> None:
-    """Columns added after a store was created (all nullable): ``ALTER TABLE ... ADD COLUMN``."""
-    inspector = sa.inspect(engine)
-    for table in (_tenants, _jobs):
+def _create_schema(engine: sa.Engine) -> None:
+    """Create missing tables and add missing columns, in one transaction.
+
+    On PostgreSQL the transaction first takes an advisory lock, so two processes opening
+    the same new database wait for each other instead of both creating a table (DDL is
+    transactional there: a failed migration leaves the schema as it was). SQLite's
+    ``BEGIN IMMEDIATE`` serialises them already.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        _meta.create_all(conn)
+        _add_missing_columns(conn)
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Columns added after a store was created: ``ALTER TABLE ... ADD COLUMN``.
+
+    A new column is nullable, or NOT NULL with a scalar default (which existing rows get).
+    Names are quoted and types compiled for the database at hand.
+    """
+    inspector = sa.inspect(conn)
+    quote = conn.dialect.identifier_preparer
+    for table in _meta.sorted_tables:
         have = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
-            if column.name not in have:
-                kind = column.type.compile(dialect=engine.dialect)
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
-                logger.info("job store: added column %s.%s", table.name, column.name)
+            if column.name in have:
+                continue
+            ddl = (f"ALTER TABLE {quote.format_table(table)} ADD COLUMN {quote.format_column(column)} "
+                   f"{column.type.compile(dialect=conn.dialect)}")
+            if not column.nullable:
+                default = column.default
+                if default is None or not default.is_scalar:
+                    raise StoreError(f"job store: cannot add column {table.name}.{column.name} to an existing "
+                                     "table: it is NOT NULL without a scalar default")
+                literal = sa.literal(default.arg, column.type).compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+                ddl += f" NOT NULL DEFAULT {literal}"
+            conn.exec_driver_sql(ddl)
+            logger.info("job store: added column %s.%s", table.name, column.name)
 
 
 def _sqlite_immediate_transactions(engine: sa.Engine) -> None:

@@ -236,7 +236,8 @@ def add_service_subcommands(subparsers) -> None:
     p.add_argument("--base", action="append", required=True, metavar="NAME=PATH",
                    help="a served base model (repeatable); tenants name it in 'model:'")
     p.add_argument("--address", default=None, help="Ray cluster address; default: an embedded local Ray")
-    p.add_argument("--db", default=None, help="SQLAlchemy URL of the job store; default: sqlite in --state-dir")
+    p.add_argument("--db", default=None, help="SQLAlchemy URL of the job store, e.g. "
+                   "postgresql+psycopg://user:pw@host/db; default: sqlite in --state-dir")
     p.add_argument("--worker-memory-gib", type=float, default=8.0, help="memory model budget of one worker")
     p.add_argument("--max-workers", type=int, default=1, help="worker actors alive at once")
     p.add_argument("--max-jobs-per-worker", type=int, default=8, help="adapters packed on one worker")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from ferrytune.data import ClassificationRow, CompletionRow, demo_data_path, load_jsonl
+from ferrytune.data import ClassificationRow, CompletionRow, JsonlChecker, demo_data_path, load_jsonl
 from ferrytune.errors import DataError
 
 
@@ -46,7 +46,7 @@ ERRORS = [
     (rows({"prompt": "q", "completion": ""}), {}, r"^train\.jsonl:1: 'completion' must be a non-empty string"),
     (rows({"prompt": "q", "completion": "a"}, {"text": "a", "label": 0}), {}, r"^train\.jsonl:2: missing key 'prompt'"),
     (rows({"text": "a", "label": 0}), {"format": "completion"}, r"^train\.jsonl:1: missing key 'prompt'"),
-    (b'{"text": "a", "label": 0}\n{"text": "\xff", "label": 0}\n', {}, r"^train\.jsonl:2: not valid UTF-8$"),
+    (b'{"text": "a", "label": 0}\n{"text": "\xff", "label": 0}\n', {}, r"^train\.jsonl:2: not valid UTF-8 \(save the file as UTF-8\)$"),
 ]
 
 
@@ -57,6 +57,35 @@ def test_every_error_is_one_line_naming_file_and_line(tmp_path, monkeypatch, con
     with pytest.raises(DataError, match=pattern) as err:
         load_jsonl("train.jsonl", **kwargs)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content,kwargs,pattern", ERRORS)
+@pytest.mark.parametrize("piece", [1, 3, 64 << 10])
+def test_a_stream_fed_in_any_pieces_gets_the_same_error(content, kwargs, pattern, piece):
+    """JsonlChecker (the service's upload check) is load_jsonl's rules, whatever the pieces' boundaries."""
+    data = content if isinstance(content, bytes) else content.encode()
+    checker = JsonlChecker("train.jsonl", **kwargs)
+    with pytest.raises(DataError, match=pattern):
+        for i in range(0, len(data), piece):
+            checker.feed(data[i:i + piece])
+        checker.finish()
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1 << 20])
+def test_a_stream_fed_in_pieces_keeps_the_rows_and_caps_a_line(piece):
+    data = (rows({"text": "a", "label": 0}) + "\n" + rows({"text": "b" * 50, "label": 1})
+            + '{"text": "no newline at the end", "label": 0}').encode()
+    checker = JsonlChecker("t.jsonl", keep_rows=True, max_line_bytes=100)
+    for i in range(0, len(data), piece):
+        checker.feed(data[i:i + piece])
+    assert checker.finish() == 3 and [r.line for r in checker.rows] == [1, 3, 4] and checker.format == "classification"
+    long = rows({"text": "a", "label": 0}, {"text": "x" * 200, "label": 1}, {"text": "a", "label": 0})
+    checker = JsonlChecker("t.jsonl", max_line_bytes=100)
+    with pytest.raises(DataError, match=r"^t\.jsonl:2: line longer than 100 bytes; shorten it"):
+        for i in range(0, len(long), piece):
+            checker.feed(long[i:i + piece].encode())
+        checker.finish()
+    assert len(checker._partial) <= 100 + piece  # never more than one capped line held
 
 
 def test_missing_file_and_directory(tmp_path, monkeypatch):

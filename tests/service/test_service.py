@@ -1,7 +1,10 @@
-"""The service end to end: real Ray (one session, conftest.py), real HTTP on 127.0.0.1, real SQLite.
+"""The service end to end: real Ray (one session, conftest.py), real HTTP on 127.0.0.1, a real job store.
 
 Covers: two tenants packed on one worker, isolation, malformed specs, a worker killed
 mid-job, a service restart, a burst of 100 submissions, and the `serve` command itself.
+
+Every test runs on both job stores (``db_url``: a SQLite file, a PostgreSQL database; the
+tenants commands, the service and the `serve` subprocess all get it as ``--db``).
 """
 
 import json
@@ -37,14 +40,14 @@ def settings(**kw):
     return ControllerSettings(**base)
 
 
-def start_service(state_dir, base, **kw) -> Service:
-    config = ServiceConfig(state_dir=str(state_dir), bases={"tiny": str(base)}, port=free_port(),
+def start_service(state_dir, base, db_url, **kw) -> Service:
+    config = ServiceConfig(state_dir=str(state_dir), bases={"tiny": str(base)}, port=free_port(), db_url=db_url,
                            controller=settings(**kw))
     return Service(config).start()
 
 
-def add_tenant(state_dir, name, capsys) -> str:
-    assert cli_main(["tenants", "add", name, "--state-dir", str(state_dir)]) == 0
+def add_tenant(state_dir, name, capsys, db_url) -> str:
+    assert cli_main(["tenants", "add", name, "--state-dir", str(state_dir), "--db", db_url]) == 0
     return capsys.readouterr().out.strip()
 
 
@@ -68,11 +71,11 @@ def succeeded(job):
     return job["state"] == "succeeded"
 
 
-def test_two_tenants_packed_on_one_worker_end_to_end(ray_session, tiny, tmp_path, capsys, monkeypatch):
+def test_two_tenants_packed_on_one_worker_end_to_end(ray_session, tiny, tmp_path, db_url, capsys, monkeypatch):
     d, base = tiny
     state = tmp_path / "state"
-    tok_a, tok_b = add_tenant(state, "alice", capsys), add_tenant(state, "bob", capsys)
-    svc = start_service(state, base)
+    tok_a, tok_b = add_tenant(state, "alice", capsys, db_url), add_tenant(state, "bob", capsys, db_url)
+    svc = start_service(state, base, db_url)
     try:
         url = svc.url
         spec_a = write_spec(tmp_path / "a.yaml", {**job_spec("tiny", str(d / "cls.jsonl"), steps=30, rank=4),
@@ -127,11 +130,11 @@ def test_two_tenants_packed_on_one_worker_end_to_end(ray_session, tiny, tmp_path
         svc.stop()
 
 
-def test_tenant_isolation_and_malformed_specs(ray_session, tiny, tmp_path, capsys):
+def test_tenant_isolation_and_malformed_specs(ray_session, tiny, tmp_path, db_url, capsys):
     d, base = tiny
     state = tmp_path / "state"
-    tok_a, tok_b = add_tenant(state, "alice", capsys), add_tenant(state, "bob", capsys)
-    svc = start_service(state, base, max_workers=0)  # nothing runs: these jobs stay queued
+    tok_a, tok_b = add_tenant(state, "alice", capsys, db_url), add_tenant(state, "bob", capsys, db_url)
+    svc = start_service(state, base, db_url, max_workers=0)  # nothing runs: these jobs stay queued
     try:
         alice, bob = Client(svc.url, tok_a), Client(svc.url, tok_b)
         job_a = alice.submit(write_spec(tmp_path / "a.yaml", job_spec("tiny", str(d / "cls.jsonl"))))["id"]
@@ -186,13 +189,13 @@ def test_tenant_isolation_and_malformed_specs(ray_session, tiny, tmp_path, capsy
         svc.stop()
 
 
-def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path, capsys, torch_threads):
+def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path, db_url, capsys, torch_threads):
     from ferrytune.engine._multi_lora import MultiLoraTrainer
 
     d, base = tiny
     state = tmp_path / "state"
-    token = add_tenant(state, "alice", capsys)
-    svc = start_service(state, base, checkpoint_every_steps=3)
+    token = add_tenant(state, "alice", capsys, db_url)
+    svc = start_service(state, base, db_url, checkpoint_every_steps=3)
     try:
         client = Client(svc.url, token)
         # long enough that the job is still running when its worker is killed, even on a quiet machine
@@ -227,11 +230,11 @@ def test_killed_worker_jobs_resume_from_checkpoints(ray_session, tiny, tmp_path,
         svc.stop()
 
 
-def test_higher_priority_preempts_at_a_step_boundary(ray_session, tiny, tmp_path, capsys):
+def test_higher_priority_preempts_at_a_step_boundary(ray_session, tiny, tmp_path, db_url, capsys):
     d, base = tiny
     state = tmp_path / "state"
-    tok_a, tok_b = add_tenant(state, "alice", capsys), add_tenant(state, "bob", capsys)
-    svc = start_service(state, base, max_jobs_per_worker=1)
+    tok_a, tok_b = add_tenant(state, "alice", capsys, db_url), add_tenant(state, "bob", capsys, db_url)
+    svc = start_service(state, base, db_url, max_jobs_per_worker=1)
     try:
         alice, bob = Client(svc.url, tok_a), Client(svc.url, tok_b)
         # long enough that it cannot finish before the urgent job is admitted, even on a quiet machine
@@ -253,18 +256,19 @@ def test_higher_priority_preempts_at_a_step_boundary(ray_session, tiny, tmp_path
         svc.stop()
 
 
-def _serve_subprocess(state, base, port, ray_address) -> subprocess.Popen:
+def _serve_subprocess(state, base, port, ray_address, db_url) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ferrytune.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--state-dir", str(state), "--base", f"tiny={base}", "--address", ray_address, "--max-workers", "0"]
+           "--state-dir", str(state), "--base", f"tiny={base}", "--address", ray_address, "--max-workers", "0",
+           "--db", db_url]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_restart_keeps_every_job_and_a_burst_loses_none(ray_session, tiny, tmp_path, capsys):
+def test_restart_keeps_every_job_and_a_burst_loses_none(ray_session, tiny, tmp_path, db_url, capsys):
     d, base = tiny
     state = tmp_path / "state"
-    token = add_tenant(state, "alice", capsys)
-    svc = start_service(state, base)
+    token = add_tenant(state, "alice", capsys, db_url)
+    svc = start_service(state, base, db_url)
     try:
         client = Client(svc.url, token)
         done = client.submit(write_spec(tmp_path / "a.yaml", job_spec("tiny", str(d / "cls.jsonl"), steps=4)))["id"]
@@ -276,7 +280,7 @@ def test_restart_keeps_every_job_and_a_burst_loses_none(ray_session, tiny, tmp_p
 
     # the real `serve` command, in its own process, joined to this module's Ray cluster
     port = free_port()
-    proc = _serve_subprocess(state, base, port, ray_session)
+    proc = _serve_subprocess(state, base, port, ray_session, db_url)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, proc, WAIT_S)
@@ -309,7 +313,7 @@ def test_restart_keeps_every_job_and_a_burst_loses_none(ray_session, tiny, tmp_p
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
 
-    svc = start_service(state, base, max_workers=0)
+    svc = start_service(state, base, db_url, max_workers=0)
     try:
         client = Client(svc.url, token)
         jobs = {j["id"]: j for j in client.jobs()}
