@@ -205,8 +205,11 @@ def status_main(args: argparse.Namespace) -> int:
         print(json.dumps(job))
     else:
         loss = "" if job["loss"] is None else f"  loss {job['loss']:.4f}"
+        ev = "" if job.get("eval_step") is None else (
+            f"  eval_accuracy {job['eval_accuracy']:.4f}  eval_loss {job['eval_loss']:.4f}"
+            f" (step {job['eval_step']}, {job['eval_samples']} samples)")
         error = f"  error: {job['error']}" if job["error"] else ""
-        print(f"{job['id']}  {job['state']}  step {job['step']}/{job['max_steps']}{loss}{error}")
+        print(f"{job['id']}  {job['state']}  step {job['step']}/{job['max_steps']}{loss}{ev}{error}")
     return 0
 
 
