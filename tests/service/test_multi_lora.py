@@ -287,3 +287,27 @@ def test_an_eval_runs_in_slices_between_a_neighbours_steps(setup, tmp_path):
     # b stepped once per eval forward while a's 30-chunk eval ran (all at once, b would have waited)
     assert sum(t <= a_eval["time"] for t in b_times) >= 30, (len(b_times), a_eval)
     worker.close()
+
+
+def test_a_job_removed_mid_eval_redoes_that_eval_when_it_resumes(setup, tmp_path):
+    d, base, configs = setup
+    ev = write_classification(d / "ev-resume.jsonl", 21, seed=14)
+    cfg = _with_eval(configs["a"], ev, eval_every_steps=2)
+    first = MultiLoraTrainer(base)
+    first.add_job("a", cfg, work_dir=tmp_path / "a")
+    results = {}
+    _drain_evals(first, results)
+    first.step()
+    first.step()
+    assert first.evaluating("a") and first.step() == {}  # its step-2 eval is due: it does not step
+    first.evaluate_some(0.0)  # one chunk of six, then it is preempted (checkpoint, removed)
+    first.checkpoint("a")
+    want = _train_with_evals(MultiLoraTrainer(base), {"a": cfg}, tmp_path / "straight")["a"]
+
+    second = MultiLoraTrainer(base)
+    assert second.add_job("a", cfg, work_dir=tmp_path / "a") == 2 and second.evaluating("a")
+    _drain_evals(second, results)
+    assert [r["step"] for r in results["a"]] == [0, 2] and results["a"][1] == want[1]
+    second.checkpoint("a")  # after the eval: resuming does not evaluate step 2 again
+    third = MultiLoraTrainer(base)
+    assert third.add_job("a", cfg, work_dir=tmp_path / "a") == 2 and not third.evaluating("a")
