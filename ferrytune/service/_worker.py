@@ -299,6 +299,12 @@ class TrainWorker:
             if job_id not in self._jobs:
                 continue
             entry = jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
+            if not math.isfinite(r["eval_loss"]):  # JSON has no inf / NaN: say so instead of storing it
+                entry.update(state="failed", error=f"eval_loss is {r['eval_loss']} at step {int(r['step'])}; "
+                                                   "lower train.lr (or use compute_dtype float32)")
+                trainer.remove_job(job_id)
+                del self._jobs[job_id]
+                continue
             entry["evals"].append({"step": int(r["step"]), "eval_loss": float(r["eval_loss"]),
                                    "eval_accuracy": float(r["eval_accuracy"]), "eval_samples": int(r["eval_samples"]),
                                    "time": now})
