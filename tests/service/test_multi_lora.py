@@ -311,3 +311,20 @@ def test_a_job_removed_mid_eval_redoes_that_eval_when_it_resumes(setup, tmp_path
     second.checkpoint("a")  # after the eval: resuming does not evaluate step 2 again
     third = MultiLoraTrainer(base)
     assert third.add_job("a", cfg, work_dir=tmp_path / "a") == 2 and not third.evaluating("a")
+
+
+def test_a_streamed_base_evaluates_like_the_resident_one(setup, tmp_path):
+    """Eval forwards run through the streamed base's engine (no backward) with the resident base's bits."""
+    from ferrytune.config import OffloadConfig
+
+    d, base, configs = setup
+    ev = write_classification(d / "ev-stream.jsonl", 13, seed=15)
+    cfg = _with_eval({**configs["a"], "train": {**configs["a"]["train"], "steps": 2}}, ev)
+    offload = OffloadConfig(tier="nvme", nvme_dir=str(tmp_path / "nvme"), prefetch_depth=1)
+    resident = _train_with_evals(MultiLoraTrainer(base), {"a": cfg}, tmp_path / "res")["a"]
+    streamed = MultiLoraTrainer(base, offload=offload)
+    try:
+        got = _train_with_evals(streamed, {"a": cfg}, tmp_path / "str")["a"]
+    finally:
+        streamed.close()
+    assert [r["step"] for r in got] == [0, 2] and got == resident
