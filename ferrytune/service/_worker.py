@@ -162,10 +162,9 @@ class TrainWorker:
             if trainer.training_job_ids():
                 self._step(trainer, jobs)
                 num_steps += 1
-            # a neighbour waits at most eval_slice_s for its next step; with no step to train, eval
-            # runs on until the tick ends
-            budget = self.eval_slice_s if trainer.training_job_ids() else slice_s - (time.monotonic() - t0)
-            self._eval(trainer, jobs, budget)
+            # a neighbour waits about eval_slice_s for its next step; with no step to train, the loop
+            # goes on evaluating until the tick ends (or an interrupt: a cancel waits one slice)
+            self._eval(trainer, jobs, self.eval_slice_s)
         for job_id in self._jobs:
             jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
         for job_id in self._loading:
