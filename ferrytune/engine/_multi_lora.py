@@ -15,6 +15,17 @@ Each call of :meth:`MultiLoraTrainer.step` is one optimizer step of every active
    AdamW. Adapters share no parameter, so each gets exactly the gradient it would get
    trained alone on the same samples (up to float summation order).
 
+**Evaluation** (``data.eval``) follows the single-job loop's cadence: at step 0 (the
+baseline), every ``train.eval_every_steps`` and after the last step. A job whose eval is
+due stops stepping (its weights are those of that step) while its eval chunks, the
+``ferrytune eval`` chunks of ``train.micro_batch_size or train.batch_size`` rows, run as
+forward-only microbatches under ``no_grad`` in :meth:`MultiLoraTrainer.evaluate_some`,
+one call per step boundary within a time budget; the chunks of every job evaluating at
+that moment share a forward (router segments, like training rows). The other jobs keep
+stepping in between. Eval rows are not packed *into* training microbatches: the backward
+of a training microbatch spans all its rows, so a forward-only row there would cost its
+backward GEMMs too (about 3x a forward-only microbatch).
+
 The base forward is behind two methods, :meth:`_forward_hidden` and :meth:`_head`, so
 the resident base can be swapped for the streamed one of the engine without touching
 the step logic.
@@ -38,6 +49,8 @@ from ferrytune.data import (
     Batcher,
     Example,
     collate,
+    correct_per_sample,
+    eval_batches,
     gather_positions,
     load_examples,
     load_tokenizer,
@@ -76,6 +89,21 @@ class _Job:
     step: int = 0
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    eval_examples: Sequence[Example] | None = None
+    eval_chunks: list[list[Example]] = field(default_factory=list)  # pending chunks of the running eval
+    eval_totals: torch.Tensor | None = None  # (loss sum, correct, count) of the running eval, float64
+    eval_done_step: int | None = None  # the last step whose eval completed
+
+    @property
+    def evaluating(self) -> bool:
+        return bool(self.eval_chunks)
+
+    def eval_due(self) -> bool:
+        """An eval belongs to this step (0, every eval_every_steps, the last) and has not run."""
+        if not self.eval_examples or self.eval_done_step == self.step:
+            return False
+        every = self.cfg.train.eval_every_steps
+        return self.step == 0 or self.step >= self.max_steps or bool(every and self.step % every == 0)
 
     @property
     def max_steps(self) -> int:
@@ -91,8 +119,12 @@ class MultiLoraTrainer:
     """
 
     def __init__(self, base_path: str | os.PathLike, *, device: str | torch.device = "cpu", seed: int = 0,
-                 dtype: str = "float32", packer: Packer | None = None, offload=None, store_dtype: str = "auto"):
+                 dtype: str = "float32", packer: Packer | None = None, offload=None, store_dtype: str = "auto",
+                 eval_tokens: int | None = None):
+        """``eval_tokens``: most padded tokens of one eval forward (the service's token capacity); an
+        eval chunk longer than that is cut into pieces of ``eval_tokens // data.max_length`` rows."""
         self.base_path = os.fspath(base_path)
+        self.eval_tokens = eval_tokens
         self.device = torch.device(device)
         self.seed = seed
         self.dtype = dtype
@@ -118,6 +150,7 @@ class MultiLoraTrainer:
         self.model.train()  # as PEFT trains: LoRA dropout follows the base module's mode
         self.router = Router()
         self._jobs: dict[str, _Job] = {}
+        self._eval_done: dict[str, dict] = {}
         self._handle = None
 
     def close(self) -> None:
@@ -149,12 +182,14 @@ class MultiLoraTrainer:
         return list(self._jobs)
 
     def add_job(self, job_id: str, cfg: TrainConfig | dict, *, train_path: str | os.PathLike | None = None,
-                work_dir: str | os.PathLike, examples: Sequence[Example] | None = None) -> int:
+                work_dir: str | os.PathLike, examples: Sequence[Example] | None = None,
+                eval_examples: Sequence[Example] | None = None) -> int:
         """Add a job; resumes from ``work_dir/checkpoint.pt`` when there is one. Returns its step.
 
         ``train_path`` replaces ``cfg.data.train`` (the service passes its own copy of the data).
         ``examples``, when given, are the job's training examples already loaded and encoded
-        from that data (the service loads them in another thread, beside the training loop).
+        from that data (the service loads them in another thread, beside the training loop);
+        ``eval_examples`` likewise those of ``cfg.data.eval`` (loaded here when not given).
         Raises ConfigError / DataError / CheckpointError naming the problem.
         """
         if job_id in self._jobs:
@@ -163,16 +198,21 @@ class MultiLoraTrainer:
             cfg = config_from_dict(cfg, source=f"job {job_id}", check_device=False)
         if cfg.method != "lora":
             raise ConfigError(f"job {job_id}: method: the multi-LoRA trainer trains method 'lora' (got {cfg.method!r})")
-        data = cfg.data.model_copy(update={"eval": None, **({"train": os.fspath(train_path)} if train_path else {})})
-        if examples is None:
-            examples, _ = load_examples(data, self.tokenizer)
+        data = cfg.data.model_copy(update={"train": os.fspath(train_path)} if train_path else {})
+        if examples is None or (eval_examples is None and data.eval):
+            loaded, loaded_eval = load_examples(data, self.tokenizer)
+            examples = loaded if examples is None else examples
+            eval_examples = loaded_eval if eval_examples is None else eval_examples
         adapter, spec = self._new_adapter(cfg)
         train = cfg.train
         optimizer = torch.optim.AdamW(adapter.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         batcher = Batcher(examples, global_batch_size=train.batch_size, seed=train.seed, shuffle=data.shuffle)
-        job = _Job(job_id, cfg, spec, adapter, optimizer, batcher, Path(work_dir))
+        job = _Job(job_id, cfg, spec, adapter, optimizer, batcher, Path(work_dir),
+                   eval_examples=list(eval_examples) if eval_examples else None)
         job.work_dir.mkdir(parents=True, exist_ok=True)
         self._resume(job)
+        if job.eval_due():
+            self._start_eval(job)  # the baseline at step 0, or an eval the job was removed (or died) in
         self._jobs[job_id] = job
         self._reattach()
         logger.info("job %s joined at step %d/%d (%d targets, %d adapter params)", job_id, job.step,
@@ -185,8 +225,17 @@ class MultiLoraTrainer:
         self._reattach()
 
     def is_done(self, job_id: str) -> bool:
+        """All steps trained and its final eval (if any) reported."""
         job = self._jobs[job_id]
-        return job.step >= job.max_steps
+        return job.step >= job.max_steps and not job.evaluating
+
+    def evaluating(self, job_id: str) -> bool:
+        """Its eval is running: it does not step until the eval is done."""
+        return self._jobs[job_id].evaluating
+
+    def training_job_ids(self) -> list[str]:
+        """Jobs the next :meth:`step` steps."""
+        return [j.job_id for j in self._jobs.values() if j.step < j.max_steps and not j.evaluating]
 
     def job_step(self, job_id: str) -> int:
         return self._jobs[job_id].step
@@ -219,7 +268,8 @@ class MultiLoraTrainer:
         """
         t0 = time.perf_counter()
         index = {job_id: k for k, job_id in enumerate(self._jobs)}  # router adapter index
-        active = [j for j in self._jobs.values() if j.step < j.max_steps and (job_ids is None or j.job_id in job_ids)]
+        active = [j for j in self._jobs.values() if j.step < j.max_steps and not j.evaluating
+                  and (job_ids is None or j.job_id in job_ids)]
         if not active:
             return {}
         samples: list[tuple[int, Example]] = []  # (position in `active`, example), job by job
@@ -300,8 +350,94 @@ class MultiLoraTrainer:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         job.optimizer.step()
         job.step += 1
+        if job.eval_due():
+            self._start_eval(job)
         return {"step": job.step, "loss": loss_sum / job.batcher.global_batch_size, "lr": lr,
-                "grad_norm": grad_norm, "done": float(job.step >= job.max_steps)}
+                "grad_norm": grad_norm, "done": float(job.step >= job.max_steps and not job.evaluating),
+                "evaluating": float(job.evaluating)}
+
+    # ---- evaluation: forward-only microbatches between steps ----
+    def _start_eval(self, job: _Job) -> None:
+        """Queue the eval of the job's current weights: ``ferrytune eval``'s chunks, in file order."""
+        mb = job.cfg.train.micro_batch_size or job.cfg.train.batch_size
+        if self.eval_tokens:
+            mb = min(mb, max(1, self.eval_tokens // job.cfg.data.max_length))
+        job.eval_chunks = list(eval_batches(job.eval_examples, micro_batch_size=mb))
+        job.eval_totals = torch.zeros(3, dtype=torch.float64)
+
+    def evaluate_some(self, budget_s: float = 0.0, *, job_ids: Sequence[str] | None = None) -> dict[str, dict]:
+        """Run eval forwards until ``budget_s`` has passed (at least one forward, if any eval is pending).
+
+        Each forward takes the next chunk of every evaluating job (of ``job_ids`` only, when
+        given) while they fit ``eval_tokens`` together. Returns, for each job whose eval
+        completed, ``{"step", "eval_loss", "eval_accuracy", "eval_samples", "done"}``: the keys
+        of the single-job ``metrics.jsonl``.
+        """
+        t0 = time.perf_counter()
+        out = self._eval_done  # evals completed by a call that then raised are returned by the next one
+        index = {job_id: k for k, job_id in enumerate(self._jobs)}
+        while True:
+            pending = [j for j in self._jobs.values() if j.evaluating and (job_ids is None or j.job_id in job_ids)]
+            if not pending:
+                break
+            take, rows, longest = [], 0, 0
+            for job in pending:
+                chunk = job.eval_chunks[0]
+                t = max(longest, max(len(e.input_ids) for e in chunk))
+                if take and self.eval_tokens and (rows + len(chunk)) * t > self.eval_tokens:
+                    continue
+                take.append(job)
+                rows, longest = rows + len(chunk), t
+            sums = self._eval_forward([(job, job.eval_chunks[0]) for job in take], index)
+            for job, (loss, correct, count) in zip(take, sums):
+                job.eval_chunks.pop(0)
+                job.eval_totals += torch.tensor([loss, correct, count], dtype=torch.float64)
+                if not job.evaluating:
+                    loss_sum, num_correct, n = job.eval_totals.tolist()
+                    job.eval_done_step = job.step
+                    out[job.job_id] = {"step": job.step, "eval_loss": loss_sum / n, "eval_accuracy": num_correct / n,
+                                       "eval_samples": int(n), "done": float(job.step >= job.max_steps)}
+                    logger.info("job %s: eval at step %d: loss %.4f accuracy %.4f on %d samples", job.job_id,
+                                job.step, loss_sum / n, num_correct / n, int(n))
+            if time.perf_counter() - t0 >= budget_s:
+                break
+        self._eval_done = {}
+        return {job_id: r for job_id, r in out.items() if job_id in self._jobs}
+
+    def _eval_forward(self, chunks: list[tuple[_Job, list[Example]]], index: dict[str, int]) -> list[tuple]:
+        """One no-grad forward over the chunks (one segment each); per chunk (loss sum, correct, rows)."""
+        T = max(len(e.input_ids) for _, chunk in chunks for e in chunk)
+        if len(chunks) == 1:  # as ``ferrytune eval`` collates a chunk: padded to its own longest row
+            batches = [collate(chunks[0][1], pad_id=self.pad_id)]
+        else:
+            batches = [collate(chunk, pad_id=self.pad_id, pad_to=T) for _, chunk in chunks]
+        segments, start = [], 0
+        for (job, _), b in zip(chunks, batches):
+            segments.append((index[job.job_id], start, start + b.batch_size))
+            start += b.batch_size
+        batches = [b.to(self.device) for b in batches]
+        input_ids = torch.cat([b.input_ids for b in batches])
+        attention_mask = torch.cat([b.attention_mask for b in batches])
+        out = []
+        self.model.eval()  # no dropout, as ``ferrytune eval``
+        if self.engine is not None:
+            self.engine.begin_step(1, backward=False)
+        try:
+            with torch.no_grad(), self.router.route(segments):
+                hidden = self._forward_hidden(input_ids, attention_mask)
+                for (_, row0, row1), b in zip(segments, batches):
+                    logits = self._head(gather_positions(hidden[row0:row1], b.loss_positions))
+                    out.append((float(loss_per_sample(logits, b).sum()), float(correct_per_sample(logits, b).sum()),
+                                b.batch_size))
+        except BaseException:
+            if self.engine is not None:
+                self.engine.end_step(failed=True)
+            raise
+        finally:
+            self.model.train()
+        if self.engine is not None:
+            self.engine.end_step()
+        return out
 
     # ---- checkpoints and export ----
     def checkpoint(self, job_id: str) -> Path:
@@ -310,7 +446,7 @@ class MultiLoraTrainer:
         state = {
             "format": _CHECKPOINT_FORMAT, "job_id": job_id, "step": job.step,
             "adapter": job.adapter.state_dict(), "optimizer": job.optimizer.state_dict(),
-            "config": job.cfg.to_dict(),
+            "config": job.cfg.to_dict(), "eval_done_step": job.eval_done_step,
         }
         final = job.work_dir / CHECKPOINT_NAME
         tmp = job.work_dir / f".{CHECKPOINT_NAME}.tmp-{uuid.uuid4().hex[:8]}"
@@ -340,6 +476,7 @@ class MultiLoraTrainer:
             job.adapter.load_state_dict(state["adapter"])
             job.optimizer.load_state_dict(state["optimizer"])
             job.step = int(state["step"])
+            job.eval_done_step = state.get("eval_done_step")
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - torch.load / load_state_dict raise many types

@@ -65,6 +65,7 @@ from ferrytune.service._spec import (
     BaseCatalog,
     SpecError,
     check_dataset,
+    check_init_from,
     job_memory_bytes,
     parse_spec_text,
     validate_spec,
@@ -342,7 +343,7 @@ def create_app(store: JobStore, catalog: BaseCatalog, layout: StateLayout, *, li
     def metrics(job_id: str, t: Tenant) -> dict:
         job = own_job(job_id, t)
         return {"id": job.id, "state": job.state.value, "step": job.step, "max_steps": job.max_steps,
-                "metrics": store.metrics(job.id)}
+                "metrics": store.metrics(job.id), "evals": store.evals(job.id)}
 
     @app.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse)
     def logs(job_id: str, t: Tenant) -> str:
@@ -402,10 +403,17 @@ def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
         if valid.output_rel is not None:
             adapter_dir = resolve_inside(outputs, valid.output_rel, field="output_dir")
             _check_output_free(store, t.name, adapter_dir, valid.output_rel)
+        parent = _init_from_job(ctx, t, valid)
         size = valid.train_file.stat().st_size
         if size > limits.max_dataset_bytes:
             raise HTTPException(413, f"data.train: {size} bytes is more than max_dataset_bytes "
                                      f"({limits.max_dataset_bytes})")
+        if valid.eval_file is not None:
+            eval_size = valid.eval_file.stat().st_size
+            if eval_size > limits.max_dataset_bytes:
+                raise HTTPException(413, f"data.eval: {eval_size} bytes is more than max_dataset_bytes "
+                                         f"({limits.max_dataset_bytes})")
+            size += eval_size
         used = layout.disk_bytes(t.name)
         if used + size > limits.max_disk_bytes:
             raise HTTPException(413, f"max_disk_bytes: your area holds {used} bytes; this job's copy of its "
@@ -416,12 +424,24 @@ def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
             # a copy, so that a later upload under the same name cannot change a queued job's data;
             # the copy is what is checked, so what was checked is what trains
             copy_private(valid.train_file, job_dir / "train.jsonl")
+            eval_copy = init_copy = None
+            if valid.eval_file is not None:
+                eval_copy = job_dir / "eval.jsonl"
+                copy_private(valid.eval_file, eval_copy)
+            if parent is not None:  # a copy too: the job continues the adapter as it was at submission
+                init_copy = job_dir / "init_adapter"
+                make_private_dir(init_copy)
+                for f in sorted(p for p in Path(parent.adapter_dir).iterdir() if p.is_file()):
+                    copy_private(f, init_copy / f.name)
             data = check_dataset(valid, ctx.catalog, job_dir / "train.jsonl",
-                                 shown=valid.cfg.data.train.rsplit("/", 1)[-1])
+                                 shown=valid.cfg.data.train.rsplit("/", 1)[-1], eval_path=eval_copy,
+                                 eval_shown=(valid.cfg.data.eval or "").rsplit("/", 1)[-1])
             memory = job_memory_bytes(valid, data)
             _check_memory(ctx, valid, memory)
             write_private(job_dir / "spec.yaml", text.encode("utf-8"))
-            config = valid.stored_config(train=str(job_dir / "train.jsonl"), output_dir=str(job_dir / "work"))
+            config = valid.stored_config(train=str(job_dir / "train.jsonl"), output_dir=str(job_dir / "work"),
+                                         eval=None if eval_copy is None else str(eval_copy),
+                                         init_from=None if init_copy is None else str(init_copy))
             return store.create_job(NewJob(
                 id=job_id, tenant=t.name, name=valid.name, base=valid.base, dtype=valid.cfg.model.compute_dtype,
                 priority=valid.priority, max_steps=valid.cfg.train.steps, spec_text=text, config=config,
@@ -430,6 +450,23 @@ def _create_job(ctx: _Context, t: TenantRecord, text: str) -> JobRecord:
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
+
+
+def _init_from_job(ctx: _Context, t: TenantRecord, valid) -> JobRecord | None:
+    """The tenant's own succeeded job that ``lora.init_from`` names (another tenant's answers 404)."""
+    job_id = valid.init_from_job
+    if job_id is None:
+        return None
+    parent = ctx.store.job(job_id, tenant=t.name)
+    if parent is None:  # someone else's job looks exactly like a missing one
+        raise HTTPException(404, f"lora.init_from: job {job_id} not found")
+    if parent.state != JobState.SUCCEEDED:
+        raise HTTPException(409, f"lora.init_from: job {job_id} is {parent.state.value}; a job continues from "
+                                 "one that succeeded")
+    if not Path(parent.adapter_dir).is_dir():
+        raise HTTPException(410, f"lora.init_from: the adapter of job {job_id} is gone from the server")
+    check_init_from(valid, ctx.catalog, job_id, parent.base, parent.config)
+    return parent
 
 
 def _check_output_free(store: JobStore, tenant: str, adapter_dir: Path, rel: str) -> None:

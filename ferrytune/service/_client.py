@@ -61,11 +61,15 @@ class Client:
         return self._call("POST", "/jobs", data=text.encode(), headers={"Content-Type": "application/yaml"}).json()
 
     def submit(self, spec_path: str | os.PathLike) -> dict:
-        """Upload the dataset the spec names (``data.train``), then the spec; returns {id, state}."""
+        """Upload the datasets the spec names (``data.train``, ``data.eval``), then the spec; returns {id, state}."""
         spec, local = prepare_submission(Path(spec_path))
-        name = f"{_sha256(local)[:16]}-{local.name}"  # content-addressed: concurrent submits never clash
-        self.upload(local, name)
-        spec["data"]["train"] = name
+        files = {"train": local}
+        if spec["data"].get("eval"):
+            files["eval"] = _local_file(Path(spec_path), spec["data"]["eval"], "data.eval")
+        for key, path in files.items():
+            name = f"{_sha256(path)[:16]}-{path.name}"  # content-addressed: concurrent submits never clash
+            self.upload(path, name)
+            spec["data"][key] = name
         return self.submit_text(yaml.safe_dump(spec, sort_keys=False))
 
     def jobs(self) -> list[dict]:
@@ -114,12 +118,17 @@ def prepare_submission(spec_path: Path) -> tuple[dict, Path]:
         raise ClientError(f"{spec_path}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict) or not spec["data"].get("train"):
         raise ClientError(f"{spec_path}: data.train: required (the local dataset file to upload)")
-    train = Path(str(spec["data"]["train"])).expanduser()
-    candidates = [train] if train.is_absolute() else [Path.cwd() / train, spec_path.parent / train]
+    return spec, _local_file(spec_path, spec["data"]["train"], "data.train")
+
+
+def _local_file(spec_path: Path, value, field: str) -> Path:
+    """A relative path is looked up in the current directory, then beside the spec."""
+    path = Path(str(value)).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, spec_path.parent / path]
     local = next((c for c in candidates if c.is_file()), None)
     if local is None:
-        raise ClientError(f"{spec_path}: data.train: file not found: {train}")
-    return spec, local
+        raise ClientError(f"{spec_path}: {field}: file not found: {path}")
+    return local
 
 
 def _sha256(path: Path) -> str:

@@ -87,6 +87,8 @@ class ControllerSettings:
     """training time per tick; cancels and preemptions wait at most this long"""
     tick_s: float = 0.2
     """pause between controller rounds"""
+    eval_slice_s: float = 0.05
+    """eval forwards a worker runs between two packed steps (at least one): what a job's eval delays its neighbours"""
     base_offload: dict | None = None
     """``offload`` section (tier, nvme_dir, host_budget_gib, ...) for streaming the base; None = resident"""
     base_store_dtype: str = "auto"
@@ -205,6 +207,7 @@ class Controller:
             ckpt = entry.get("checkpoint_step")
             record = self.store.job(job_id)
             self.store.record_progress(job_id, step=entry["step"], metrics=entry["metrics"],
+                                       evals=entry.get("evals", []),
                                        checkpoint_step=ckpt if ckpt is not None else record.checkpoint_step)
         if entry.get("resumed_from"):
             self.store.add_event(job_id, f"resumed from its checkpoint at step {entry['resumed_from']} "
@@ -309,7 +312,8 @@ class Controller:
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         ).remote(worker_id, self.catalog.paths[base], dtype=dtype, token_capacity=s.token_capacity,
                  checkpoint_every_steps=s.checkpoint_every_steps, num_threads=max(1, int(s.worker_num_cpus)),
-                 offload=_worker_offload(s.base_offload, worker_id), store_dtype=s.base_store_dtype)
+                 offload=_worker_offload(s.base_offload, worker_id), store_dtype=s.base_store_dtype,
+                 eval_slice_s=s.eval_slice_s)
         self.workers[worker_id] = _Worker(worker_id, group, actor)
         logger.info("started worker %s for base %s (%s)", worker_id, base, dtype)
 

@@ -1,10 +1,13 @@
 """Job specs: parse, validate where they enter, and turn them into a TrainConfig dict.
 
-A job spec is the LoRA training config (``docs/config.md``) with three differences:
+A job spec is the LoRA training config (``docs/config.md``) with these differences:
 
 * ``model: NAME`` names a base the service serves (or ``model: {name: NAME, compute_dtype: ...}``);
   ``model.path`` is refused: the server never opens a path a tenant names;
-* ``data.train`` names a file the tenant uploaded, relative to its files area;
+* ``data.train`` (and ``data.eval``, optional) name files the tenant uploaded, relative to its
+  files area;
+* ``lora.init_from`` names one of the tenant's own succeeded jobs by its id (never a path);
+  the API looks it up (:func:`check_init_from` checks it fits);
   ``output_dir`` (optional) names the adapter folder relative to its outputs area;
 * optional ``name`` (free text) and ``priority`` (integer, higher runs first).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,8 +41,8 @@ if TYPE_CHECKING:
 from ferrytune.service._paths import UnsafePathError, check_file_name, resolve_inside
 from ferrytune.service._policy import BaseCost, adapter_state_bytes
 
-__all__ = ["BaseCatalog", "DatasetStats", "SpecError", "ValidSpec", "check_dataset", "job_memory_bytes",
-           "parse_spec_text", "validate_spec"]
+__all__ = ["BaseCatalog", "DatasetStats", "SpecError", "ValidSpec", "check_dataset", "check_init_from",
+           "job_memory_bytes", "parse_spec_text", "validate_spec"]
 
 _ALLOWED_KEYS = {"method", "model", "data", "train", "lora", "output_dir", "name", "priority"}
 _SERVICE_KEYS = {"offload", "parallel", "device", "resume", "zo"}
@@ -56,6 +60,7 @@ _EXAMPLE_BYTES_PER_TOKEN = 64
 _EXAMPLE_BYTES_PER_ROW = 512
 _STEP_BYTES_PER_TOKEN = 32
 INT_RANGE = (-(2**31), 2**31 - 1)
+JOB_ID_RE = re.compile(r"j-[0-9a-f]{16}")
 _MAX_OUTPUT_DEPTH = 8
 
 
@@ -72,15 +77,20 @@ class ValidSpec:
     train_file: Path  # the tenant's uploaded file (resolved inside its area)
     output_rel: str | None  # output_dir as given (validated), or None
     adapter_params: int
+    eval_file: Path | None = None  # the tenant's uploaded data.eval file (resolved inside its area), or None
+    init_from_job: str | None = None  # lora.init_from: a job id of the tenant (looked up by the API), or None
 
     @property
     def adapter_bytes(self) -> int:
         return adapter_state_bytes(self.adapter_params)
 
-    def stored_config(self, *, train: str, output_dir: str) -> dict:
-        """The config as the job store keeps it (JSON), with the job's own copy of the data and folder."""
-        data = self.cfg.data.model_copy(update={"train": train})
-        return self.cfg.model_copy(update={"data": data, "output_dir": output_dir}).to_dict()
+    def stored_config(self, *, train: str, output_dir: str, eval: str | None = None,
+                      init_from: str | None = None) -> dict:
+        """The config as the job store keeps it (JSON), with the job's own copies of the data, of the
+        adapter it continues (``init_from``) and its folder."""
+        data = self.cfg.data.model_copy(update={"train": train, "eval": eval})
+        lora = self.cfg.lora.model_copy(update={"init_from": init_from})
+        return self.cfg.model_copy(update={"data": data, "lora": lora, "output_dir": output_dir}).to_dict()
 
 
 @dataclass(frozen=True)
@@ -182,13 +192,11 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
         raise SpecError(f"method: the service trains LoRA jobs only (got {method!r})")
     base, model_section = _model_section(raw.get("model"), catalog)
     raw["model"] = model_section
-    train_file = _data_section(raw, files_root)
+    train_file, eval_file = _data_section(raw, files_root)
     output_rel = raw.pop("output_dir", None)
     if output_rel is not None:
         output_rel = _output_dir(output_rel, outputs_root)
-    lora = raw.get("lora") or {}
-    if isinstance(lora, dict) and lora.get("init_from") is not None:
-        raise SpecError("lora.init_from: not supported by the service (it would read a server path); remove it")
+    init_from_job = _init_from(raw.get("lora"))
     try:
         cfg = config_from_dict(raw, source="spec", check_device=False)
         spec = LoraSpec.from_config(cfg.lora)
@@ -201,29 +209,87 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
     if tokens > limits.max_tokens_per_step:
         raise SpecError(f"train.batch_size: batch_size x data.max_length = {tokens} tokens per step; this service "
                         f"allows {limits.max_tokens_per_step}; lower train.batch_size or data.max_length")
+    if cfg.train.eval_every_steps is not None and eval_file is None:
+        raise SpecError("train.eval_every_steps: needs data.eval (a file you uploaded to evaluate on)")
     params = sum(t.rank * (t.in_features + t.out_features) for t in targets.values())
     return ValidSpec(name=name or "", priority=priority, base=base, cfg=cfg, train_file=train_file,
-                     output_rel=output_rel, adapter_params=params)
+                     output_rel=output_rel, adapter_params=params, eval_file=eval_file, init_from_job=init_from_job)
 
 
-def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: str) -> DatasetStats:
-    """Read and tokenise the job's dataset at ``path`` exactly as its worker will.
+def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: str,
+                  eval_path: Path | None = None, eval_shown: str = "") -> DatasetStats:
+    """Read and tokenise the job's dataset at ``path`` (and its eval file) exactly as its worker will.
 
-    Errors name the file as the tenant knows it (``shown``) and the line, never ``path``.
+    Errors name the file as the tenant knows it (``shown``, ``eval_shown``) and the line, never a path.
     """
     from ferrytune.data import load_examples
 
-    data = valid.cfg.data.model_copy(update={"train": str(path)})
+    data = valid.cfg.data.model_copy(update={"train": str(path), "eval": None if eval_path is None else str(eval_path)})
     tokenizer = catalog.tokenizer(valid.base)
     try:
         with catalog.encode_lock:
-            examples, _ = load_examples(data, tokenizer)
+            examples, eval_examples = load_examples(data, tokenizer)
     except (DataError, ConfigError) as e:
-        message = " ".join(str(e).split()).replace(str(path), shown)
+        message = " ".join(str(e).split())
+        in_eval = eval_path is not None and str(eval_path) in message
+        message = message.replace(str(path), shown)
+        if eval_path is not None:
+            message = message.replace(str(eval_path), eval_shown)
         if isinstance(e, DataError):
-            message = f"data.train: {message}"
+            message = f"{'data.eval' if in_eval else 'data.train'}: {message}"
         raise SpecError(message.removeprefix("spec: ")) from None
+    examples = examples + (eval_examples or [])  # a worker holds both
     return DatasetStats(rows=len(examples), tokens=sum(len(e.input_ids) for e in examples))
+
+
+def check_init_from(valid: ValidSpec, catalog: BaseCatalog, parent_id: str, parent_base: str,
+                    parent_config: dict) -> None:
+    """The job continues ``parent_id``'s adapter: same base, and the adapter this spec describes.
+
+    ``load_peft`` takes rank, alpha, targets and dropout from the parent's adapter, so a spec
+    that says otherwise is refused, naming the first field that differs.
+    """
+    from ferrytune.config import config_from_dict
+    from ferrytune.lora import LoraSpec, find_targets
+
+    where = f"lora.init_from: job {parent_id}"
+    if parent_base != valid.base:
+        raise SpecError(f"{where} trained base {parent_base!r}, this spec names {valid.base!r}; "
+                        "continue a job of the same base")
+    parent = config_from_dict(parent_config, source=f"job {parent_id}", check_device=False).lora
+    mine = valid.cfg.lora
+    model = catalog.meta_model(valid.base)
+    theirs = find_targets(model, LoraSpec.from_config(parent))
+    ours = find_targets(model, LoraSpec.from_config(mine))
+    if set(theirs) != set(ours):
+        raise SpecError(f"lora.target_modules: {_short(mine.target_modules)} adapts other modules than {where}'s "
+                        f"{_short(parent.target_modules)}; use the same targets to continue its adapter")
+    for path, t in theirs.items():
+        if ours[path].rank != t.rank:
+            field = "lora.rank_pattern" if mine.rank_pattern or parent.rank_pattern else "lora.rank"
+            raise SpecError(f"{field}: rank {ours[path].rank} at {path.rsplit('.', 1)[-1]} differs from {where}'s "
+                            f"{t.rank}; use the same rank to continue its adapter")
+        if ours[path].scaling != t.scaling:
+            field = "lora.alpha_pattern" if mine.alpha_pattern or parent.alpha_pattern else (
+                "lora.use_rslora" if mine.use_rslora != parent.use_rslora else "lora.alpha")
+            raise SpecError(f"{field}: scaling {ours[path].scaling:g} differs from {where}'s {t.scaling:g} "
+                            f"(lora.alpha {parent.alpha:g}, use_rslora {parent.use_rslora}); use the same to "
+                            "continue its adapter")
+    if mine.dropout != parent.dropout:
+        raise SpecError(f"lora.dropout: {mine.dropout:g} differs from {where}'s {parent.dropout:g}; use the same "
+                        "to continue its adapter")
+
+
+def _init_from(lora: Any) -> str | None:
+    """``lora.init_from``: a job id of the tenant's, never a path; removed from the section (the API
+    puts the server's copy of that job's adapter there)."""
+    if not isinstance(lora, dict) or lora.get("init_from") is None:
+        return None
+    value = lora.pop("init_from")
+    if not isinstance(value, str) or not JOB_ID_RE.fullmatch(value):
+        raise SpecError(f"lora.init_from: name one of your succeeded jobs by its id (e.g. j-0123456789abcdef), "
+                        f"not a path (got {_short(value)})")
+    return value
 
 
 def _check_values(value: Any, where: str) -> None:
@@ -298,20 +364,25 @@ def _model_section(model: Any, catalog: BaseCatalog) -> tuple[str, dict]:
     return name, {"path": catalog.paths[name], **model}
 
 
-def _data_section(raw: dict, files_root: Path) -> Path:
+def _data_section(raw: dict, files_root: Path) -> tuple[Path, Path | None]:
     data = raw.get("data")
     if not isinstance(data, dict):
         raise SpecError("data: required section with at least 'train: FILE' (a file you uploaded)")
-    if data.get("eval") is not None:
-        raise SpecError("data.eval: evaluation is not run by the service; remove it")
     if "train" not in data:
         raise SpecError("data.train: required; name a file you uploaded")
-    try:
-        path = resolve_inside(files_root, data["train"], field="data.train")
-    except UnsafePathError as e:
-        raise SpecError(str(e)) from None
-    if not path.is_file():
-        raise SpecError(f"data.train: {data['train']!r} is not among your uploaded files; upload it first")
-    data["train"] = str(path)
-    return path
+    paths = {}
+    for key in ("train", "eval"):
+        if key == "eval" and data.get("eval") is None:
+            paths[key] = None
+            continue
+        field = f"data.{key}"
+        try:
+            path = resolve_inside(files_root, data[key], field=field)
+        except UnsafePathError as e:
+            raise SpecError(str(e)) from None
+        if not path.is_file():
+            raise SpecError(f"{field}: {data[key]!r} is not among your uploaded files; upload it first")
+        data[key] = str(path)
+        paths[key] = path
+    return paths["train"], paths["eval"]
 

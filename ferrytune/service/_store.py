@@ -98,6 +98,11 @@ _jobs = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
+    # the job's last evaluation (data.eval): the step it evaluated and its numbers (None: none yet)
+    sa.Column("eval_step", sa.Integer, nullable=True),
+    sa.Column("eval_loss", sa.Float, nullable=True),
+    sa.Column("eval_accuracy", sa.Float, nullable=True),
+    sa.Column("eval_samples", sa.Integer, nullable=True),
 )
 
 
@@ -114,6 +119,14 @@ _metrics = _job_log(
     sa.Column("loss", sa.Float, nullable=False),
     sa.Column("lr", sa.Float, nullable=False),
     sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+)
+_evals = _job_log(  # one row per evaluation of a job: the keys of a single-job run's metrics.jsonl
+    "evals",
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("eval_loss", sa.Float, nullable=False),
+    sa.Column("eval_accuracy", sa.Float, nullable=False),
+    sa.Column("eval_samples", sa.Integer, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
 )
 
@@ -193,6 +206,10 @@ class JobRecord:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    eval_step: int | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    eval_samples: int | None = None
 
     @property
     def config(self) -> dict:
@@ -207,6 +224,8 @@ class JobRecord:
             "cancel_requested": self.cancel_requested, "checkpoint_step": self.checkpoint_step,
             "created_at": self.created_at, "updated_at": self.updated_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
+            "eval_step": self.eval_step, "eval_loss": self.eval_loss, "eval_accuracy": self.eval_accuracy,
+            "eval_samples": self.eval_samples,
         }
 
 
@@ -414,8 +433,8 @@ class JobStore:
                 updated_at=time.time(), **{k: _text(v) for k, v in values.items()}))
 
     def record_progress(self, job_id: str, *, step: int, checkpoint_step: int,
-                        metrics: list[dict[str, float]]) -> None:
-        """New metric rows of the job and its step, tokens and last loss, in one transaction."""
+                        metrics: list[dict[str, float]], evals: list[dict[str, float]] = ()) -> None:
+        """New metric (and eval) rows of the job and its step, tokens, last loss and last eval, in one transaction."""
         now = time.time()
         with self._engine.begin() as conn:
             values: dict[str, Any] = {"step": step, "checkpoint_step": checkpoint_step, "updated_at": now}
@@ -423,6 +442,10 @@ class JobStore:
                 conn.execute(_metrics.insert(), [dict(job_id=job_id, **m) for m in metrics])
                 values["loss"] = metrics[-1]["loss"]
                 values["tokens"] = _jobs.c.tokens + sum(int(m["tokens"]) for m in metrics)
+            if evals:
+                conn.execute(_evals.insert(), [dict(job_id=job_id, **e) for e in evals])
+                values.update({f"eval_{k}" if k == "step" else k: evals[-1][k]
+                               for k in ("step", "eval_loss", "eval_accuracy", "eval_samples")})
             conn.execute(_jobs.update().where(_jobs.c.id == job_id).values(**values))
 
     def add_event(self, job_id: str, message: str) -> None:
@@ -437,6 +460,14 @@ class JobStore:
     def metrics(self, job_id: str) -> list[dict[str, float]]:
         query = (sa.select(_metrics.c.step, _metrics.c.loss, _metrics.c.lr, _metrics.c.tokens, _metrics.c.time)
                  .where(_metrics.c.job_id == job_id).order_by(_metrics.c.id))
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def evals(self, job_id: str) -> list[dict[str, float]]:
+        """The job's evaluations in order: ``{"step", "eval_loss", "eval_accuracy", "eval_samples", "time"}``."""
+        c = _evals.c
+        query = (sa.select(c.step, c.eval_loss, c.eval_accuracy, c.eval_samples, c.time)
+                 .where(c.job_id == job_id).order_by(c.id))
         with self._engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query).all()]
 

@@ -9,6 +9,15 @@ the only place they do, so always between steps), then train packed steps for ab
 which is where preemption and cancellation take effect; :meth:`interrupt` ends the
 running tick after its current step, so a cancel waits at most one step.
 
+**Evaluation** (``data.eval``) runs between steps, never inside one: after each packed
+step the worker runs the eval forwards that are pending (every evaluating job's next
+chunk, packed together) for at most ``eval_slice_s`` seconds (at least one forward), so an
+eval delays its neighbours' next step by about that much and not by the whole eval. A
+job whose eval runs does not step (its weights are those of the evaluated step); when no
+job has a step to train, eval runs for the rest of the tick. The numbers are reported as
+``evals`` rows (``step, eval_loss, eval_accuracy, eval_samples, time``); a job finishes
+once its final eval is reported.
+
 A job that is added first has its dataset loaded and tokenised on a loader thread, while
 the other jobs keep training; it joins the packed step once its data is ready.
 
@@ -67,7 +76,7 @@ class TrainWorker:
 
     def __init__(self, worker_id: str, base_path: str, *, dtype: str, token_capacity: int,
                  checkpoint_every_steps: int, num_threads: int, seed: int = 0, offload: dict | None = None,
-                 store_dtype: str = "auto"):
+                 store_dtype: str = "auto", eval_slice_s: float = 0.05):
         os.umask(0o077)  # checkpoints and adapters are the tenant's: private to the service's user
         self.worker_id = worker_id
         self.base_path = base_path
@@ -78,6 +87,7 @@ class TrainWorker:
         self.seed = seed
         self.offload = offload
         self.store_dtype = store_dtype
+        self.eval_slice_s = eval_slice_s
         self._trainer = None
         self._jobs: dict[str, dict] = {}  # job id -> its add command (jobs on the trainer)
         self._loading: dict[str, tuple[dict, concurrent.futures.Future]] = {}  # job id -> (command, its data)
@@ -114,7 +124,8 @@ class TrainWorker:
                 from ferrytune.config import OffloadConfig
                 offload = OffloadConfig(**self.offload)
             self._trainer = MultiLoraTrainer(self.base_path, dtype=self.dtype, seed=self.seed, packer=packer,
-                                             offload=offload, store_dtype=self.store_dtype)
+                                             offload=offload, store_dtype=self.store_dtype,
+                                             eval_tokens=self.token_capacity)
             logger.info("worker %s loaded %s (%s)", self.worker_id, self.base_path, self.dtype)
         return self._trainer
 
@@ -148,18 +159,22 @@ class TrainWorker:
                 concurrent.futures.wait([f for _, f in self._loading.values()], timeout=max(0.0, left),
                                         return_when=concurrent.futures.FIRST_COMPLETED)
                 continue
-            self._step(trainer, jobs)
-            num_steps += 1
+            if trainer.training_job_ids():
+                self._step(trainer, jobs)
+                num_steps += 1
+            # a neighbour waits about eval_slice_s for its next step; with no step to train, the loop
+            # goes on evaluating until the tick ends (or an interrupt: a cancel waits one slice)
+            self._eval(trainer, jobs, self.eval_slice_s)
         for job_id in self._jobs:
             jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
         for job_id in self._loading:
-            jobs.setdefault(job_id, {"state": "running", "metrics": [], "error": None, "checkpoint_step": None,
-                                     "loading": True})
+            jobs.setdefault(job_id, {"state": "running", "metrics": [], "evals": [], "error": None,
+                                     "checkpoint_step": None, "loading": True})
         return {"worker_id": self.worker_id, "pid": os.getpid(), "num_steps": num_steps, "jobs": jobs,
                 "elapsed_s": time.monotonic() - t0}
 
     def _entry(self, trainer, job_id: str, state: str, **extra: Any) -> dict[str, Any]:
-        entry = {"state": state, "metrics": [], "error": None, "checkpoint_step": None}
+        entry = {"state": state, "metrics": [], "evals": [], "error": None, "checkpoint_step": None}
         if job_id in self._jobs:
             entry["step"] = trainer.job_step(job_id)
         entry.update(extra)
@@ -190,9 +205,8 @@ class TrainWorker:
         from ferrytune.data import load_examples
 
         cfg = config_from_dict(cmd["config"], source=f"job {cmd['job_id']}", check_device=False)
-        data = cfg.data.model_copy(update={"eval": None, "train": cmd["train_path"]})
-        examples, _ = load_examples(data, trainer.tokenizer)
-        return cfg, examples
+        data = cfg.data.model_copy(update={"train": cmd["train_path"]})  # data.eval: the job's own copy
+        return (cfg, *load_examples(data, trainer.tokenizer))
 
     def _join_loaded(self, trainer, jobs: dict) -> None:
         for job_id, (cmd, future) in list(self._loading.items()):
@@ -200,9 +214,9 @@ class TrainWorker:
                 continue
             del self._loading[job_id]
             try:
-                cfg, examples = future.result()
+                cfg, examples, eval_examples = future.result()
                 step = trainer.add_job(job_id, cfg, train_path=cmd["train_path"], work_dir=cmd["work_dir"],
-                                       examples=examples)
+                                       examples=examples, eval_examples=eval_examples)
             except Exception as e:  # noqa: BLE001 - a bad job must not take the worker (and its other jobs) down
                 self._fail(trainer, job_id, jobs, "cannot start", e, cmd)
                 continue
@@ -266,6 +280,35 @@ class TrainWorker:
                     self._fail(trainer, job_id, jobs, "cannot checkpoint", e, self._jobs[job_id])
                     continue
                 entry["checkpoint_step"] = int(m["step"])
+
+    def _eval(self, trainer, jobs: dict, budget_s: float) -> None:
+        """The pending eval forwards for about ``budget_s``; a failing one is retried job by job."""
+        try:
+            results = trainer.evaluate_some(budget_s)
+        except Exception:  # noqa: BLE001 - find the job(s) at fault, as for a packed step
+            logger.exception("packed eval failed on worker %s; retrying its jobs one by one", self.worker_id)
+            results = {}
+            for job_id in [j for j in self._jobs if trainer.evaluating(j)]:
+                try:
+                    results.update(trainer.evaluate_some(0.0, job_ids=[job_id]))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(trainer, job_id, jobs, "evaluation failed", e, self._jobs[job_id])
+        now = time.time()
+        for job_id, r in results.items():
+            if job_id not in self._jobs:
+                continue
+            entry = jobs.setdefault(job_id, self._entry(trainer, job_id, "running"))
+            if not math.isfinite(r["eval_loss"]):  # JSON has no inf / NaN: say so instead of storing it
+                entry.update(state="failed", error=f"eval_loss is {r['eval_loss']} at step {int(r['step'])}; "
+                                                   "lower train.lr (or use compute_dtype float32)")
+                trainer.remove_job(job_id)
+                del self._jobs[job_id]
+                continue
+            entry["evals"].append({"step": int(r["step"]), "eval_loss": float(r["eval_loss"]),
+                                   "eval_accuracy": float(r["eval_accuracy"]), "eval_samples": int(r["eval_samples"]),
+                                   "time": now})
+            if trainer.is_done(job_id):
+                self._finish(trainer, job_id, entry, jobs)
 
     def _finish(self, trainer, job_id: str, entry: dict, jobs: dict) -> None:
         cmd = self._jobs[job_id]

@@ -77,6 +77,7 @@ _POSITIVE_FLAGS = {  # serve flag -> (attribute, smallest value allowed)
     "--worker-memory-gib": ("worker_memory_gib", 1e-9), "--max-workers": ("max_workers", 0),  # 0: accept and queue, train nowhere
     "--max-jobs-per-worker": ("max_jobs_per_worker", 1), "--token-capacity": ("token_capacity", 1),
     "--min-slice-s": ("min_slice_s", 0), "--checkpoint-every-steps": ("checkpoint_every_steps", 1),
+    "--eval-slice-s": ("eval_slice_s", 0),
     "--worker-cpus": ("worker_cpus", 1e-9), "--base-host-budget-gib": ("base_host_budget_gib", 1e-9),
     "--auth-max-failures": ("auth_max_failures", 1), "--auth-window-s": ("auth_window_s", 1e-9),
 }
@@ -128,6 +129,7 @@ def serve_main(args: argparse.Namespace) -> int:
         worker_memory_gib=args.worker_memory_gib, max_workers=args.max_workers,
         max_jobs_per_worker=args.max_jobs_per_worker, token_capacity=args.token_capacity,
         min_slice_s=args.min_slice_s, checkpoint_every_steps=args.checkpoint_every_steps,
+        eval_slice_s=args.eval_slice_s,
         worker_num_cpus=args.worker_cpus, base_store_dtype=args.base_store_dtype,
         tenant_limits=TenantLimits(**_limits_from(args)), base_offload=base_offload)
     config = ServiceConfig(state_dir=args.state_dir, bases=parse_base_args(args.base), host=args.host,
@@ -205,8 +207,11 @@ def status_main(args: argparse.Namespace) -> int:
         print(json.dumps(job))
     else:
         loss = "" if job["loss"] is None else f"  loss {job['loss']:.4f}"
+        ev = "" if job.get("eval_step") is None else (
+            f"  eval_accuracy {job['eval_accuracy']:.4f}  eval_loss {job['eval_loss']:.4f}"
+            f" (step {job['eval_step']}, {job['eval_samples']} samples)")
         error = f"  error: {job['error']}" if job["error"] else ""
-        print(f"{job['id']}  {job['state']}  step {job['step']}/{job['max_steps']}{loss}{error}")
+        print(f"{job['id']}  {job['state']}  step {job['step']}/{job['max_steps']}{loss}{ev}{error}")
     return 0
 
 
@@ -244,6 +249,9 @@ def add_service_subcommands(subparsers) -> None:
     p.add_argument("--token-capacity", type=int, default=4096, help="padded tokens per packed microbatch")
     p.add_argument("--min-slice-s", type=float, default=300.0, help="run time before a fair-share preemption")
     p.add_argument("--checkpoint-every-steps", type=int, default=20, help="per-job checkpoint period")
+    p.add_argument("--eval-slice-s", type=float, default=0.05,
+                   help="eval forwards a worker runs between two packed steps (at least one): what a job's "
+                        "evaluation delays its neighbours' steps")
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs (and torch threads) per worker")
     p.add_argument("--base-tier", choices=["resident", "host", "nvme"], default="resident",
                    help="where each worker keeps its base: resident, or streamed from host memory / NVMe")

@@ -198,3 +198,133 @@ def test_worker_builds_a_streamed_base_from_its_offload_settings(setup, tmp_path
     assert trainer.engine is not None
     assert (tmp_path / "nv" / "w3" / "store.json").exists()
     assert trainer.runtime.store_dtype == torch.bfloat16
+
+
+def _with_eval(cfg, eval_file, **train):
+    cfg = {**cfg, "data": {**cfg["data"], "eval": str(eval_file)}, "train": {**cfg["train"], **train}}
+    return cfg
+
+
+def _drain_evals(trainer, results):
+    while any(trainer.evaluating(j) for j in trainer.job_ids):
+        for job_id, r in trainer.evaluate_some(0.0).items():
+            results.setdefault(job_id, []).append(r)
+
+
+def _train_with_evals(trainer, configs, work):
+    """Step all jobs, running every pending eval at each step boundary; {job: [eval results]}."""
+    results = {}
+    for job_id, cfg in configs.items():
+        trainer.add_job(job_id, cfg, work_dir=work / job_id)
+    _drain_evals(trainer, results)
+    while not all(trainer.is_done(j) for j in configs):
+        trainer.step()
+        _drain_evals(trainer, results)
+    return results
+
+
+def test_eval_equals_ferrytune_eval_alone_exactly_and_packed_within_rounding(setup, tmp_path):
+    from ferrytune.config import config_from_dict
+    from ferrytune.launch.train import run_eval
+
+    d, base, configs = setup
+    ev_a = write_classification(d / "ev-a.jsonl", 21, seed=11)  # 6 chunks of 4 (the last short)
+    ev_b = write_completion(d / "ev-b.jsonl", 17, seed=12)  # 3 chunks of 6
+    cfgs = {"a": _with_eval(configs["a"], ev_a, eval_every_steps=2), "b": _with_eval(configs["b"], ev_b)}
+
+    def reference(job_id, trainer):
+        out = trainer.export(job_id, tmp_path / f"export-{job_id}-{len(trainer.job_ids)}")
+        cfg = config_from_dict({**cfgs[job_id], "output_dir": str(tmp_path / "unused")}, source="test")
+        return run_eval(cfg, checkpoint=str(out))
+
+    # alone: the same chunks through the same arithmetic as `ferrytune eval`: equal bit for bit
+    alone = MultiLoraTrainer(base, eval_tokens=512)
+    evals = _train_with_evals(alone, {"a": cfgs["a"]}, tmp_path / "alone")["a"]
+    assert [e["step"] for e in evals] == [0, 2, 4, 5] and evals[-1]["done"] == 1.0
+    ref = reference("a", alone)
+    assert (evals[-1]["eval_loss"], evals[-1]["eval_accuracy"], evals[-1]["eval_samples"]) == (
+        ref["loss"], ref["accuracy"], ref["samples"])
+
+    # packed: both jobs' final evals are pending at once and share forwards (other padding and GEMM
+    # shapes): accuracy is a count of argmax hits and stays equal; the loss agrees to float32 rounding
+    packed = MultiLoraTrainer(base, eval_tokens=512)
+    forwards = []
+    real = packed._eval_forward
+    packed._eval_forward = lambda chunks, index: forwards.append(len(chunks)) or real(chunks, index)
+    results = _train_with_evals(packed, cfgs, tmp_path / "packed")
+    assert [e["step"] for e in results["b"]] == [0, 5] and max(forwards) == 2  # a and b shared forwards
+    for job_id in cfgs:
+        ref = reference(job_id, packed)
+        got = results[job_id][-1]
+        assert got["eval_accuracy"] == ref["accuracy"] and got["eval_samples"] == ref["samples"]
+        assert got["eval_loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=0)
+
+
+def test_an_eval_runs_in_slices_between_a_neighbours_steps(setup, tmp_path):
+    """With eval_slice_s = 0 a worker runs ONE eval forward between two packed steps: a neighbour's
+    step waits one forward for another job's eval, never the whole eval."""
+    from ferrytune.service._worker import TrainWorker, add_command
+
+    d, base, configs = setup
+    ev = write_classification(d / "ev-big.jsonl", 120, seed=13)  # 30 chunks of 4
+    worker = TrainWorker("w0", str(base), dtype="float32", token_capacity=512, checkpoint_every_steps=1000,
+                         num_threads=1, eval_slice_s=0.0)
+    cfg_a = _with_eval({**configs["a"], "train": {**configs["a"]["train"], "steps": 1}}, ev)
+    cfg_b = {**configs["b"], "train": {**configs["b"]["train"], "steps": 200}}
+    commands = [add_command(job_id, config=cfg, train_path=cfg["data"]["train"], work_dir=str(tmp_path / job_id),
+                            adapter_dir=str(tmp_path / f"{job_id}-adapter"), base_name="tiny")
+                for job_id, cfg in (("b", cfg_b), ("a", cfg_a))]
+    worker.tick(commands, slice_s=0.0)  # loads the base, adds both jobs
+    assert worker._trainer.evaluating("a")  # its step-0 baseline
+    b_times, a_eval = [], None
+    for _ in range(100):
+        report = worker.tick([], slice_s=0.5)
+        b_times += [m["time"] for m in report["jobs"]["b"]["metrics"]]
+        if report["jobs"].get("a", {}).get("evals"):
+            a_eval = report["jobs"]["a"]["evals"][0]
+            break
+    assert a_eval is not None and a_eval["step"] == 0 and a_eval["eval_samples"] == 120
+    # b stepped once per eval forward while a's 30-chunk eval ran (all at once, b would have waited)
+    assert sum(t <= a_eval["time"] for t in b_times) >= 30, (len(b_times), a_eval)
+    worker.close()
+
+
+def test_a_job_removed_mid_eval_redoes_that_eval_when_it_resumes(setup, tmp_path):
+    d, base, configs = setup
+    ev = write_classification(d / "ev-resume.jsonl", 21, seed=14)
+    cfg = _with_eval(configs["a"], ev, eval_every_steps=2)
+    first = MultiLoraTrainer(base)
+    first.add_job("a", cfg, work_dir=tmp_path / "a")
+    results = {}
+    _drain_evals(first, results)
+    first.step()
+    first.step()
+    assert first.evaluating("a") and first.step() == {}  # its step-2 eval is due: it does not step
+    first.evaluate_some(0.0)  # one chunk of six, then it is preempted (checkpoint, removed)
+    first.checkpoint("a")
+    want = _train_with_evals(MultiLoraTrainer(base), {"a": cfg}, tmp_path / "straight")["a"]
+
+    second = MultiLoraTrainer(base)
+    assert second.add_job("a", cfg, work_dir=tmp_path / "a") == 2 and second.evaluating("a")
+    _drain_evals(second, results)
+    assert [r["step"] for r in results["a"]] == [0, 2] and results["a"][1] == want[1]
+    second.checkpoint("a")  # after the eval: resuming does not evaluate step 2 again
+    third = MultiLoraTrainer(base)
+    assert third.add_job("a", cfg, work_dir=tmp_path / "a") == 2 and not third.evaluating("a")
+
+
+def test_a_streamed_base_evaluates_like_the_resident_one(setup, tmp_path):
+    """Eval forwards run through the streamed base's engine (no backward) with the resident base's bits."""
+    from ferrytune.config import OffloadConfig
+
+    d, base, configs = setup
+    ev = write_classification(d / "ev-stream.jsonl", 13, seed=15)
+    cfg = _with_eval({**configs["a"], "train": {**configs["a"]["train"], "steps": 2}}, ev)
+    offload = OffloadConfig(tier="nvme", nvme_dir=str(tmp_path / "nvme"), prefetch_depth=1)
+    resident = _train_with_evals(MultiLoraTrainer(base), {"a": cfg}, tmp_path / "res")["a"]
+    streamed = MultiLoraTrainer(base, offload=offload)
+    try:
+        got = _train_with_evals(streamed, {"a": cfg}, tmp_path / "str")["a"]
+    finally:
+        streamed.close()
+    assert [r["step"] for r in got] == [0, 2] and got == resident

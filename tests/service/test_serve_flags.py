@@ -16,6 +16,7 @@ from ferrytune.launch import main
     (["--token-capacity", "0"], "--token-capacity: must be >= 1"),
     (["--worker-memory-gib", "0"], "--worker-memory-gib: must be > 0"),
     (["--max-steps", "-5"], "--max-steps: must be >= 0"),
+    (["--eval-slice-s", "-0.1"], "--eval-slice-s: must be >= 0"),
 ])
 def test_a_bad_serve_flag_is_one_line_before_anything_starts(tmp_path, capsys, flags, named):
     state = tmp_path / "state"
