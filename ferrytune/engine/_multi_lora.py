@@ -12,7 +12,7 @@ Each call of :meth:`MultiLoraTrainer.step` is one optimizer step of every active
 4. the loss is ``sum over jobs of sum(per-sample loss of the job's rows) / job batch size``,
    i.e. the sum of each job's own mean; one ``backward`` per microbatch;
 5. each job then clips its own gradient norm, sets its own scheduled lr and steps its own
-   AdamW. Adapters share no parameter, so each gets exactly the gradient it would get
+   optimizer (its ``train.optimizer``: jobs of one step may use different ones). Adapters share no parameter, so each gets exactly the gradient it would get
    trained alone on the same samples (up to float summation order).
 
 The base forward is behind two methods, :meth:`_forward_hidden` and :meth:`_head`, so
@@ -44,6 +44,7 @@ from ferrytune.data import (
     loss_per_sample,
     pad_id_for,
 )
+from ferrytune.engine._optim import build_optimizer
 from ferrytune.engine._schedule import lr_at
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
@@ -70,7 +71,7 @@ class _Job:
     cfg: TrainConfig
     spec: LoraSpec
     adapter: Adapter
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer
     batcher: Batcher
     work_dir: Path
     step: int = 0
@@ -168,7 +169,7 @@ class MultiLoraTrainer:
             examples, _ = load_examples(data, self.tokenizer)
         adapter, spec = self._new_adapter(cfg)
         train = cfg.train
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = build_optimizer(adapter.parameters(), train)
         batcher = Batcher(examples, global_batch_size=train.batch_size, seed=train.seed, shuffle=data.shuffle)
         job = _Job(job_id, cfg, spec, adapter, optimizer, batcher, Path(work_dir))
         job.work_dir.mkdir(parents=True, exist_ok=True)
