@@ -25,8 +25,10 @@ setup(
         "gpu": ["nvidia-ml-py", "triton"],  # NVML telemetry (imports as pynvml) and the CUDA kernels
         # offload.io_backend: deepspeed_aio (its op is JIT-built: also needs libaio-dev and a C++ compiler)
         "aio": ["deepspeed", "ninja"],
+        # triton: kernels under TRITON_INTERPRET=1; adam-mini / sgd-sai: the references train.optimizer's
+        # adam_mini and sgd_sai are tested against step for step (pinned: the tests compare bit for bit)
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
-                 "matplotlib", "sqlalchemy>=2.0", "httpx", "triton"],  # triton: kernels under TRITON_INTERPRET=1
+                 "matplotlib", "sqlalchemy>=2.0", "httpx", "triton", "adam-mini==1.1.1", "sgd-sai==1.0.3"],
     },
     entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
 )
