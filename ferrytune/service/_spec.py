@@ -72,10 +72,11 @@ class ValidSpec:
     train_file: Path  # the tenant's uploaded file (resolved inside its area)
     output_rel: str | None  # output_dir as given (validated), or None
     adapter_params: int
+    optimizer_bytes: int | None = None  # the state of its train.optimizer; None: AdamW's (the largest)
 
     @property
     def adapter_bytes(self) -> int:
-        return adapter_state_bytes(self.adapter_params)
+        return adapter_state_bytes(self.adapter_params, self.optimizer_bytes)
 
     def stored_config(self, *, train: str, output_dir: str) -> dict:
         """The config as the job store keeps it (JSON), with the job's own copy of the data and folder."""
@@ -158,6 +159,7 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
                   limits: TenantLimits | None = None) -> ValidSpec:
     """Check everything a worker would trip over, before the job is queued."""
     from ferrytune.config import config_from_dict
+    from ferrytune.engine import optimizer_state_bytes
     from ferrytune.lora import LoraSpec, find_targets
 
     limits = limits or TenantLimits()
@@ -202,8 +204,10 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
         raise SpecError(f"train.batch_size: batch_size x data.max_length = {tokens} tokens per step; this service "
                         f"allows {limits.max_tokens_per_step}; lower train.batch_size or data.max_length")
     params = sum(t.rank * (t.in_features + t.out_features) for t in targets.values())
+    shapes = [s for t in targets.values() for s in ((t.rank, t.in_features), (t.out_features, t.rank))]  # A, B
     return ValidSpec(name=name or "", priority=priority, base=base, cfg=cfg, train_file=train_file,
-                     output_rel=output_rel, adapter_params=params)
+                     output_rel=output_rel, adapter_params=params,
+                     optimizer_bytes=optimizer_state_bytes(cfg.train.optimizer, shapes))
 
 
 def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: str) -> DatasetStats:
