@@ -101,8 +101,7 @@ class AdamMini(Optimizer):
                 h = (state["v"].sqrt() / bias_correction_2_sqrt).add_(eps)
                 stepsize = (1 / bias_correction_1) / h  # (rows, 1)
                 update = (m.reshape(rows, -1) * stepsize).view(p.size())
-                update.mul_(lr)
-                p.add_(-update)
+                p.sub_(update.mul_(lr))  # the reference's p.add_(-update), bit for bit, without the negated copy
         return loss
 
 
