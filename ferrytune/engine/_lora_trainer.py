@@ -32,7 +32,7 @@ from ferrytune.engine._activations import lora_activation_estimate
 from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
-from ferrytune.engine._optim import build_optimizer
+from ferrytune.engine._optim import build_optimizer, load_optimizer_state
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.data import pad_positions
@@ -96,7 +96,8 @@ class LoraTrainer(StepLoop):
         self.handle = attach(model, [self.adapter])
         self.optim = build_optimizer(self.params, cfg.train)
         if self.ckpt is not None and (self.ckpt / OPTIM_NAME).exists():
-            self.optim.load_state_dict(torch.load(self.ckpt / OPTIM_NAME, map_location=self.rt.device))
+            load_optimizer_state(self.optim, torch.load(self.ckpt / OPTIM_NAME, map_location=self.rt.device),
+                                 cfg.train.optimizer, source=str(self.ckpt / OPTIM_NAME))
 
     # ----------------------------------------------------------------- step
     def train_step(self, step: int) -> StepResult:

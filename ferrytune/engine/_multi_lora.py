@@ -44,7 +44,7 @@ from ferrytune.data import (
     loss_per_sample,
     pad_id_for,
 )
-from ferrytune.engine._optim import build_optimizer
+from ferrytune.engine._optim import build_optimizer, load_optimizer_state
 from ferrytune.engine._schedule import lr_at
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
@@ -339,7 +339,7 @@ class MultiLoraTrainer:
             if state.get("format") != _CHECKPOINT_FORMAT:
                 raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
             job.adapter.load_state_dict(state["adapter"])
-            job.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(job.optimizer, state["optimizer"], job.cfg.train.optimizer, source=str(path))
             job.step = int(state["step"])
         except CheckpointError:
             raise

@@ -34,9 +34,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["OPTIMIZERS", "AdamMini", "SGDSaI", "build_optimizer", "optimizer_state_bytes"]
+from ferrytune.errors import CheckpointError
+
+__all__ = ["OPTIMIZERS", "AdamMini", "SGDSaI", "build_optimizer", "load_optimizer_state", "optimizer_state_bytes"]
 
 OPTIMIZERS = ("adamw", "adam_mini", "sgd_sai")
+# what each keeps per parameter tensor (a resumed state of another optimizer has other keys)
+_STATE_KEYS = {"adamw": {"step", "exp_avg", "exp_avg_sq"}, "adam_mini": {"step", "m", "v"},
+               "sgd_sai": {"gsnr", "momentum_buffer"}}
 
 
 def _rows(p: torch.Tensor) -> int:
@@ -175,6 +180,19 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], train) -> Optimizer:
     if name == "sgd_sai":
         return SGDSaI(params, lr=train.lr, weight_decay=train.weight_decay)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (one of {', '.join(OPTIMIZERS)})")
+
+
+def load_optimizer_state(optim: Optimizer, state: dict, name: str, *, source: str) -> None:
+    """``optim.load_state_dict(state)`` after checking ``state`` was saved by optimizer ``name``
+    (``train.optimizer``): resuming a run with another optimizer is refused, naming the key,
+    instead of failing inside ``step()`` or silently mixing states."""
+    saved = {k for s in state.get("state", {}).values() for k in s}
+    if not saved <= _STATE_KEYS[name]:
+        theirs = [repr(n) for n, keys in _STATE_KEYS.items() if saved <= keys]
+        raise CheckpointError(f"{source}: train.optimizer: the checkpoint holds the state of "
+                              f"{theirs[0] if theirs else 'another optimizer'}, this run uses {name!r}; resume with "
+                              "the optimizer it was trained with, or start a new run")
+    optim.load_state_dict(state)
 
 
 def optimizer_state_bytes(name: str, shapes: Iterable[Sequence[int]], *, element_bytes: int = 4) -> int:

@@ -179,3 +179,15 @@ def test_zo_refuses_a_backprop_optimizer(tiny_models, cfg_factory, zo):
     with pytest.raises(ConfigError, match=r"train\.optimizer: 'adam_mini' applies to method: lora only"):
         cfg_factory(path, train={"optimizer": "adam_mini"}, zo=zo, lora=LORA)
     assert cfg_factory(path, train={"optimizer": "adamw"}, zo=zo).train.optimizer == "adamw"
+
+
+def test_resume_with_another_optimizer_is_refused(tiny_models, cfg_factory):
+    from ferrytune.errors import CheckpointError
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    cfg = _cfg(cfg_factory, path, "adamw", steps=3, checkpoint_every_steps=1)
+    run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 2})}), progress=False)  # ckpt at 1
+    other = cfg.model_copy(update={"resume": "auto", "train": cfg.train.model_copy(update={"optimizer": "sgd_sai"})})
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: train\.optimizer: the checkpoint holds the state of "
+                                              r"'adamw', this run uses 'sgd_sai'"):
+        run(other, progress=False)

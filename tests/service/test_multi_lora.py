@@ -252,6 +252,11 @@ def test_jobs_with_different_optimizers_packed_equal_solo_and_resume_exactly(set
     for job_id in configs:
         for key, value in packed.adapter(job_id).state_dict().items():
             torch.testing.assert_close(second.adapter(job_id).state_dict()[key], value, atol=0, rtol=0)
+    # a job resumed with another optimizer than its checkpoint's is refused, naming the key
+    switched = {**configs["a"], "train": {**configs["a"]["train"], "optimizer": "adamw"}}
+    with pytest.raises(CheckpointError, match=r"train\.optimizer: the checkpoint holds the state of 'adam_mini', "
+                                              r"this run uses 'adamw'"):
+        MultiLoraTrainer(base).add_job("a", switched, work_dir=tmp_path / "resumed" / "a")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "sgd_sai"])
