@@ -32,10 +32,12 @@ setup(
         # offload.io_backend: deepspeed_aio (its op is JIT-built: also needs libaio-dev and a C++ compiler)
         "aio": ["deepspeed", "ninja"],
         # triton: kernels under TRITON_INTERPRET=1; psycopg: the job-store tests' PostgreSQL leg;
-        # selenium: the web console's browser test (with Debian's chromium + chromium-driver)
+        # selenium: the web console's browser test (with Debian's chromium + chromium-driver);
+        # adam-mini / sgd-sai: the references train.optimizer's adam_mini and sgd_sai are tested against
+        # step for step (pinned: the tests compare bit for bit)
         "test": ["pytest", "peft>=0.13", "ray[default,train]>=2.30", "fastapi", "uvicorn", "requests",
                  "matplotlib", "sqlalchemy>=2.0", "aiofiles>=23", "psycopg[binary]>=3.1", "httpx", "triton",
-                 "selenium>=4.20"],
+                 "selenium>=4.20", "adam-mini==1.1.1", "sgd-sai==1.0.3"],
     },
     entry_points={"console_scripts": ["ferrytune=ferrytune.launch.cli:main"]},
 )

@@ -97,6 +97,10 @@ class TrainLoopConfig(_Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup (linear/cosine decay to 0 at the last step)")
     warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 to lr")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    optimizer: Literal["adamw", "adam_mini", "sgd_sai"] = Field(
+        "adamw", description="lora's optimizer: adamw (2 moments per parameter); adam_mini (Adam-mini: 1 moment per "
+                             "parameter, 1 second moment per row); sgd_sai (SGD-SaI: momentum, a per-tensor lr scale "
+                             "fixed from the first gradient's SNR). Method lora only")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (lora only); null = off")
     eval_every_steps: int | None = Field(None, gt=0, description="evaluate every N steps; null = only at the end")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="checkpoint every N steps; null = only the final one")
@@ -299,6 +303,9 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         ))
     if t.warmup_steps > t.steps:
         problems.append(("train.warmup_steps", f"must be <= train.steps (got {t.warmup_steps}, steps {t.steps})"))
+    if cfg.method == "zo" and t.optimizer != "adamw":
+        problems.append(("train.optimizer", f"{t.optimizer!r} applies to method: lora only (zo updates with "
+                                            "zo.update and zo.momentum, also with zo.trainable: lora); remove it"))
     for key in ("block_fraction", "mask_fraction"):
         if cfg.method == "zo" and cfg.zo.trainable == "lora" and getattr(cfg.zo, key) < 1:
             problems.append((f"zo.{key}", "applies to zo.trainable: all (the streamed blocks); set it to 1 with "

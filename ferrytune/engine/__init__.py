@@ -9,6 +9,8 @@
   planner's activation estimate;
 * trainers on one step loop (``StepLoop``, ``_loop.py``): ``ZOTrainer``, ``LoraTrainer``,
   ``ZOLoraTrainer`` (MeZO on the adapter), and ``MultiLoraTrainer`` (packed jobs, the service's);
+* the LoRA trainers' optimizers (``_optim.py``): ``build_optimizer`` (``train.optimizer``: AdamW,
+  ``AdamMini``, ``SGDSaI``) and ``optimizer_state_bytes`` (their state size, for memory estimates);
 * checkpoints (``_checkpoint.py``), metrics (``_metrics.py``), schedules (``_schedule.py``).
 """
 
@@ -18,6 +20,7 @@ from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import RUN_FILES, StepLoop, StepResult, TrainResult
 from ferrytune.engine._lora_trainer import LoraTrainer
 from ferrytune.engine._multi_lora import CHECKPOINT_NAME, MultiLoraTrainer, Packer
+from ferrytune.engine._optim import OPTIMIZERS, AdamMini, SGDSaI, build_optimizer, optimizer_state_bytes
 from ferrytune.engine._runtime import Runtime, build_base_runtime, build_runtime, check_device, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import ZOEngine
@@ -34,9 +37,10 @@ def trainer_class(cfg) -> type:
 
 
 __all__ = [
-    "CHAIN", "CHECKPOINT_NAME", "FOEngine", "LoraTrainer", "MultiLoraTrainer", "Packer", "RUN_FILES", "Runtime",
-    "STATE_NAME", "StepLoop", "StepResult", "TrainResult", "ZOEngine", "ZOHyper", "ZOLoraTrainer", "ZOTrainer",
-    "active_blocks", "build_base_runtime", "build_runtime", "check_device", "layer_activation_bytes",
-    "list_checkpoints", "lora_activation_estimate", "lr_at", "read_state",
+    "AdamMini", "CHAIN", "CHECKPOINT_NAME", "FOEngine", "LoraTrainer", "MultiLoraTrainer", "OPTIMIZERS", "Packer",
+    "RUN_FILES", "Runtime", "SGDSaI", "STATE_NAME", "StepLoop", "StepResult", "TrainResult", "ZOEngine", "ZOHyper",
+    "ZOLoraTrainer", "ZOTrainer", "active_blocks", "build_base_runtime", "build_optimizer", "build_runtime",
+    "check_device", "layer_activation_bytes", "list_checkpoints", "lora_activation_estimate", "lr_at",
+    "optimizer_state_bytes", "read_state",
     "trainer_class", "weights_from", "zo_update_",
 ]

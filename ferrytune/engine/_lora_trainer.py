@@ -7,10 +7,11 @@ a micro-batch is the sum of its per-sample losses over the *global* batch size,
 so summing gradients over micro-batches and ranks gives the gradient of the
 global mean. Ranks all-reduce the (small) LoRA gradients once per step — the
 data-parallel part of DDP, without bucketing, since only adapters train — then
-clip, and step AdamW with the schedule's learning rate. Every rank ends the step
+clip, and step the optimizer (``train.optimizer``: AdamW, Adam-mini or SGD-SaI, ``_optim.py``)
+with the schedule's learning rate. Every rank ends the step
 with identical adapters.
 
-Checkpoints hold the adapter (PEFT format), the AdamW state and the step; the
+Checkpoints hold the adapter (PEFT format), the optimizer's state and the step; the
 data order is a pure function of the step, so resume is exact with the same or
 a different world size.
 """
@@ -31,6 +32,7 @@ from ferrytune.engine._activations import lora_activation_estimate
 from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import StepLoop, StepResult
+from ferrytune.engine._optim import build_optimizer, load_optimizer_state
 from ferrytune.engine._runtime import build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.data import pad_positions
@@ -92,10 +94,10 @@ class LoraTrainer(StepLoop):
         # dropout the base architecture has); evaluation switches to eval mode.
         model.train()
         self.handle = attach(model, [self.adapter])
-        self.optim = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                       foreach=False)
+        self.optim = build_optimizer(self.params, cfg.train)
         if self.ckpt is not None and (self.ckpt / OPTIM_NAME).exists():
-            self.optim.load_state_dict(torch.load(self.ckpt / OPTIM_NAME, map_location=self.rt.device))
+            load_optimizer_state(self.optim, torch.load(self.ckpt / OPTIM_NAME, map_location=self.rt.device),
+                                 cfg.train.optimizer, source=str(self.ckpt / OPTIM_NAME))
 
     # ----------------------------------------------------------------- step
     def train_step(self, step: int) -> StepResult:

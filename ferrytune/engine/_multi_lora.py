@@ -12,7 +12,7 @@ Each call of :meth:`MultiLoraTrainer.step` is one optimizer step of every active
 4. the loss is ``sum over jobs of sum(per-sample loss of the job's rows) / job batch size``,
    i.e. the sum of each job's own mean; one ``backward`` per microbatch;
 5. each job then clips its own gradient norm, sets its own scheduled lr and steps its own
-   AdamW. Adapters share no parameter, so each gets exactly the gradient it would get
+   optimizer (its ``train.optimizer``: jobs of one step may use different ones). Adapters share no parameter, so each gets exactly the gradient it would get
    trained alone on the same samples (up to float summation order).
 
 **Evaluation** (``data.eval``) follows the single-job loop's cadence: at step 0 (the
@@ -57,6 +57,7 @@ from ferrytune.data import (
     loss_per_sample,
     pad_id_for,
 )
+from ferrytune.engine._optim import build_optimizer, load_optimizer_state
 from ferrytune.engine._schedule import lr_at
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.lora import Adapter, LoraSpec, Router, attach, find_targets, load_peft, save_peft
@@ -83,7 +84,7 @@ class _Job:
     cfg: TrainConfig
     spec: LoraSpec
     adapter: Adapter
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer
     batcher: Batcher
     work_dir: Path
     step: int = 0
@@ -205,7 +206,7 @@ class MultiLoraTrainer:
             eval_examples = loaded_eval if eval_examples is None else eval_examples
         adapter, spec = self._new_adapter(cfg)
         train = cfg.train
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = build_optimizer(adapter.parameters(), train)
         batcher = Batcher(examples, global_batch_size=train.batch_size, seed=train.seed, shuffle=data.shuffle)
         job = _Job(job_id, cfg, spec, adapter, optimizer, batcher, Path(work_dir),
                    eval_examples=list(eval_examples) if eval_examples else None)
@@ -474,7 +475,7 @@ class MultiLoraTrainer:
             if state.get("format") != _CHECKPOINT_FORMAT:
                 raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
             job.adapter.load_state_dict(state["adapter"])
-            job.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(job.optimizer, state["optimizer"], job.cfg.train.optimizer, source=str(path))
             job.step = int(state["step"])
             job.eval_done_step = state.get("eval_done_step")
         except CheckpointError:

@@ -35,7 +35,8 @@ MOMENTUM_NAME = "zo_momentum.pt"
 
 class ZOLoraTrainer(LoraTrainer):
     """Shares the runtime, adapter, evaluation and checkpoints with :class:`LoraTrainer`; its own
-    training state (stream adapters and their hooks, momentum; no AdamW) and step."""
+    training state (stream adapters and their hooks, momentum; no ``train.optimizer``: the config
+    refuses one other than the default for method zo) and step."""
 
     def _activation_estimate(self):
         return None  # no backward: nothing is kept

@@ -15,7 +15,7 @@ The rules, in the order :func:`schedule` applies them:
    a worker, because they share its one copy of the base. The memory model of a worker::
 
        base bytes (once) + activations for `token_capacity` tokens (one microbatch)
-                         + sum over its jobs of adapter bytes (fp32 A, B, grads, 2 AdamW moments)
+                         + sum over its jobs of adapter bytes (fp32 A, B, grads, optimizer state)
 
    must stay under ``worker_memory_bytes``. Queued jobs are taken in order of priority
    (higher first), then weighted fair share: the tenant with the fewest running jobs per
@@ -24,7 +24,8 @@ The rules, in the order :func:`schedule` applies them:
    its group that still fits it (so jobs pack onto few workers and share base reads);
    else a new worker is started when ``max_workers`` allows. A job's bytes
    (``JobView.adapter_bytes``) are its adapter state plus its data on the worker, as
-   estimated at submission.
+   estimated at submission; the optimizer's share is that of the job's ``train.optimizer``
+   (AdamW: two fp32 moments per parameter; Adam-mini and SGD-SaI about half of that).
 4. **Preemption** (only within a group, at most one pending per group): a queued job that
    fits nowhere may displace a running job of lower priority, or, at equal priority, a
    job of a tenant over its fair share that has run at least ``min_slice_s``. The victim
@@ -48,6 +49,7 @@ from ferrytune.service._states import JobState, WorkerState
 
 __all__ = [
     "ADAPTER_BYTES_PER_PARAM",
+    "PARAM_GRAD_BYTES_PER_PARAM",
     "Admit",
     "BaseCost",
     "CancelJob",
@@ -69,16 +71,22 @@ __all__ = [
     "schedule",
 ]
 
-# fp32 parameter + fp32 gradient + AdamW's two fp32 moments
-ADAPTER_BYTES_PER_PARAM = 16
+# fp32 parameter + fp32 gradient
+PARAM_GRAD_BYTES_PER_PARAM = 8
+# ... + AdamW's two fp32 moments: the most any ``train.optimizer`` keeps (the estimate without one)
+ADAPTER_BYTES_PER_PARAM = PARAM_GRAD_BYTES_PER_PARAM + 8
 
 GroupKey = tuple[str, str]
 """(served base name, dtype): the jobs that may share one worker."""
 
 
-def adapter_state_bytes(num_params: int) -> int:
-    """Bytes one adapter holds on a worker while it trains."""
-    return num_params * ADAPTER_BYTES_PER_PARAM
+def adapter_state_bytes(num_params: int, optimizer_bytes: int | None = None) -> int:
+    """Bytes one adapter holds on a worker while it trains: its fp32 parameters and gradients,
+    and ``optimizer_bytes``, its optimizer's state (``ferrytune.engine.optimizer_state_bytes``
+    for the job's ``train.optimizer``); None: AdamW's two moments per parameter, the largest."""
+    if optimizer_bytes is None:
+        return num_params * ADAPTER_BYTES_PER_PARAM
+    return num_params * PARAM_GRAD_BYTES_PER_PARAM + optimizer_bytes
 
 
 @dataclass(frozen=True)

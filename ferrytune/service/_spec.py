@@ -79,10 +79,11 @@ class ValidSpec:
     adapter_params: int
     eval_file: Path | None = None  # the tenant's uploaded data.eval file (resolved inside its area), or None
     init_from_job: str | None = None  # lora.init_from: a job id of the tenant (looked up by the API), or None
+    optimizer_bytes: int | None = None  # the state of its train.optimizer; None: AdamW's (the largest)
 
     @property
     def adapter_bytes(self) -> int:
-        return adapter_state_bytes(self.adapter_params)
+        return adapter_state_bytes(self.adapter_params, self.optimizer_bytes)
 
     def stored_config(self, *, train: str, output_dir: str, eval: str | None = None,
                       init_from: str | None = None) -> dict:
@@ -168,6 +169,7 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
                   limits: TenantLimits | None = None) -> ValidSpec:
     """Check everything a worker would trip over, before the job is queued."""
     from ferrytune.config import config_from_dict
+    from ferrytune.engine import optimizer_state_bytes
     from ferrytune.lora import LoraSpec, find_targets
 
     limits = limits or TenantLimits()
@@ -212,8 +214,10 @@ def validate_spec(raw: dict, *, catalog: BaseCatalog, files_root: Path, outputs_
     if cfg.train.eval_every_steps is not None and eval_file is None:
         raise SpecError("train.eval_every_steps: needs data.eval (a file you uploaded to evaluate on)")
     params = sum(t.rank * (t.in_features + t.out_features) for t in targets.values())
+    shapes = [s for t in targets.values() for s in ((t.rank, t.in_features), (t.out_features, t.rank))]  # A, B
     return ValidSpec(name=name or "", priority=priority, base=base, cfg=cfg, train_file=train_file,
-                     output_rel=output_rel, adapter_params=params, eval_file=eval_file, init_from_job=init_from_job)
+                     output_rel=output_rel, adapter_params=params, eval_file=eval_file,
+                     init_from_job=init_from_job, optimizer_bytes=optimizer_state_bytes(cfg.train.optimizer, shapes))
 
 
 def check_dataset(valid: ValidSpec, catalog: BaseCatalog, path: Path, *, shown: str,

@@ -84,10 +84,14 @@ def test_sparse_zo_two_ranks_equals_single_process(model, tmp_path, parallel):
     assert metric_losses(tmp_path / "dist") == metric_losses(tmp_path / "ref")
 
 
-def test_lora_data_parallel_two_ranks_equals_single_process(model, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "sgd_sai"])
+def test_lora_data_parallel_two_ranks_equals_single_process(model, tmp_path, optimizer):
     # batch 4 in micro-batches of 2: one micro-batch per rank, so the gradient all-reduce adds
-    # the same two tensors the single process accumulates (a + b == b + a): bit-identical.
-    lora = {"method": "lora", "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "seed": 5, "lr": 1e-2},
+    # the same two tensors the single process accumulates (a + b == b + a): bit-identical; every
+    # rank then steps its own optimizer on the same reduced gradient (SGD-SaI: the same scales).
+    lr = 1e-3 if optimizer == "sgd_sai" else 1e-2
+    lora = {"method": "lora", "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "seed": 5, "lr": lr,
+                                        "optimizer": optimizer},
             "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}
     ref = config_dict(model, tmp_path / "ref", **lora)
     run_single(ref)

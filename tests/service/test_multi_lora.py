@@ -328,3 +328,92 @@ def test_a_streamed_base_evaluates_like_the_resident_one(setup, tmp_path):
     finally:
         streamed.close()
     assert [r["step"] for r in got] == [0, 2] and got == resident
+
+
+# SGD-SaI steps ~ lr * sqrt(numel) per tensor (its g-SNR scale): a smaller lr than Adam's
+LEAN = {"a": ("adam_mini", 1e-2), "b": ("sgd_sai", 1e-3), "c": ("adamw", 1e-2)}
+
+
+def _lean_configs(configs):
+    out = {}
+    for job_id, (optimizer, lr) in LEAN.items():
+        cfg = {**configs[job_id], "train": {**configs[job_id]["train"], "optimizer": optimizer, "lr": lr,
+                                            "weight_decay": 0.05}}
+        out[job_id] = cfg
+    return out
+
+
+def test_jobs_with_different_optimizers_packed_equal_solo_and_resume_exactly(setup, tmp_path):
+    """Each job steps its own train.optimizer (three different ones in one packed step)."""
+    _, base, configs = setup
+    configs = _lean_configs(configs)
+    packer = functools.partial(pack_microbatches, capacity_tokens=96)
+    packed, history = _train(base, configs, tmp_path / "packed", packer=packer)
+    assert all(h[j]["num_microbatches"] > 1 for h in history for j in h)
+    keys = {"adamw": {"step", "exp_avg", "exp_avg_sq"}, "adam_mini": {"step", "m", "v"},
+            "sgd_sai": {"gsnr", "momentum_buffer"}}
+    for job_id, cfg in configs.items():
+        solo, solo_history = _train(base, {job_id: cfg}, tmp_path / f"solo-{job_id}")
+        got, want = packed.adapter(job_id).state_dict(), solo.adapter(job_id).state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=RTOL, msg=f"{job_id} {key}")
+        assert any(v.abs().max() > 1e-4 for k, v in got.items() if k.startswith("lora_B"))
+        for step in range(NUM_STEPS):
+            assert history[step][job_id]["loss"] == pytest.approx(solo_history[step][job_id]["loss"], rel=1e-5)
+        # the job's checkpoint holds the state of the optimizer its config names
+        state = torch.load(packed.checkpoint(job_id), weights_only=True)["optimizer"]["state"]
+        assert state and all(set(s) == keys[cfg["train"]["optimizer"]] for s in state.values())
+
+    # resume: two steps, checkpoint, a lost third step, a new trainer finishes; equals straight
+    first = MultiLoraTrainer(base, packer=packer)
+    for job_id, cfg in configs.items():
+        first.add_job(job_id, cfg, work_dir=tmp_path / "resumed" / job_id)
+    for _ in range(2):
+        first.step()
+    for job_id in configs:
+        first.checkpoint(job_id)
+    first.step()
+    del first
+    second = MultiLoraTrainer(base, packer=packer)
+    for job_id, cfg in configs.items():
+        assert second.add_job(job_id, cfg, work_dir=tmp_path / "resumed" / job_id) == 2
+    while not all(second.is_done(j) for j in configs):
+        second.step()
+    for job_id in configs:
+        for key, value in packed.adapter(job_id).state_dict().items():
+            torch.testing.assert_close(second.adapter(job_id).state_dict()[key], value, atol=0, rtol=0)
+    # a job resumed with another optimizer than its checkpoint's is refused, naming the key
+    switched = {**configs["a"], "train": {**configs["a"]["train"], "optimizer": "adamw"}}
+    with pytest.raises(CheckpointError, match=r"train\.optimizer: the checkpoint holds the state of 'adam_mini', "
+                                              r"this run uses 'adamw'"):
+        MultiLoraTrainer(base).add_job("a", switched, work_dir=tmp_path / "resumed" / "a")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "sgd_sai"])
+def test_spec_memory_estimate_is_the_optimizer_state_a_job_holds(setup, tmp_path, optimizer):
+    """The service's adapter bytes for a job = fp32 parameters + gradients + the real state of its optimizer."""
+    from service_testlib import job_spec
+
+    from ferrytune.service._spec import BaseCatalog, validate_spec
+
+    d, base, configs = setup
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.jsonl").write_bytes((d / "a.jsonl").read_bytes())
+    spec = job_spec("tiny", "a.jsonl", rank=4, targets=("q_proj", "v_proj", "down_proj"))
+    spec["train"].update(optimizer=optimizer, steps=2)
+    valid = validate_spec(spec, catalog=BaseCatalog({"tiny": str(base)}), files_root=files,
+                          outputs_root=tmp_path / "out")
+    cfg = {**spec, "model": {"path": str(base)}, "data": {**spec["data"], "train": str(files / "a.jsonl")}}
+    trainer, _ = _train(base, {"j": cfg}, tmp_path / "job", steps=2)
+    opt = trainer._jobs["j"].optimizer
+    params = list(trainer.adapter("j").parameters())
+    held = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size() for p in params)
+    held += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    assert len(opt.state) == len(params) and valid.adapter_params == sum(p.numel() for p in params)
+    assert valid.adapter_bytes == held
+    adamw = validate_spec({**spec, "train": {**spec["train"], "optimizer": "adamw"}},
+                          catalog=BaseCatalog({"tiny": str(base)}), files_root=files, outputs_root=tmp_path / "out")
+    if optimizer != "adamw":
+        assert valid.adapter_bytes < 0.8 * adamw.adapter_bytes
