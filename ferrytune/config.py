@@ -127,6 +127,7 @@ class ZOConfig(_Section):
     trainable: Literal["all", "lora"] = Field("all", description="parameters zo perturbs: the whole model or only LoRA adapters")
     mask_fraction: float = Field(1.0, gt=0, le=1, description="Sparse MeZO: perturb and update only the parameters of small magnitude, |w| <= the mask_fraction quantile of |w| per tensor in the run's initial weights (mask recomputed on arrival). 1 = every parameter")
     block_fraction: float = Field(1.0, gt=0, le=1, description="LeZO: fraction of blocks (the outer block and the layers) perturbed and updated per step, drawn from (train.seed, step); the others run unperturbed and are not written back. 1 = MeZO")
+    estimator: Literal["mezo", "fzoo"] = Field("mezo", description="mezo: two-sided g_k = (f(θ+εz_k) - f(θ-εz_k)) / 2ε; fzoo (FZOO): one unperturbed forward and num_perturbations one-sided ones with Rademacher z, step normalised by the std of the perturbed losses")
 
 
 class LoRAConfig(_Section):
@@ -310,6 +311,8 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         if cfg.method == "zo" and cfg.zo.trainable == "lora" and getattr(cfg.zo, key) < 1:
             problems.append((f"zo.{key}", "applies to zo.trainable: all (the streamed blocks); set it to 1 with "
                                           "zo.trainable: lora"))
+    if cfg.method == "zo" and cfg.zo.estimator == "fzoo":
+        problems += _fzoo_problems(cfg)
     if cfg.offload.tier == "nvme" and not cfg.offload.nvme_dir:
         problems.append(("offload.nvme_dir", "required when offload.tier is 'nvme' (set it to a directory on a fast local disk)"))
     if cfg.parallel.backend == "nccl" and cfg.device != "cuda":
@@ -320,6 +323,26 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         if not torch.cuda.is_available():
             problems.append(("device", "'cuda' requested but CUDA is not available on this machine; set device: cpu"))
     return problems
+
+
+def _fzoo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """What ``zo.estimator: fzoo`` does not combine with, one (key, message) each."""
+    z, out = cfg.zo, []
+    if z.distribution != "rademacher":
+        out.append(("zo.distribution", f"zo.estimator: fzoo perturbs with Rademacher (±1) z; set it to rademacher "
+                                       f"(got {z.distribution!r})"))
+    if z.num_perturbations < 2:
+        out.append(("zo.num_perturbations", "zo.estimator: fzoo normalises the step by the std of the "
+                                            "num_perturbations perturbed losses: needs at least 2"))
+    if z.trainable != "all":
+        out.append(("zo.trainable", "zo.estimator: fzoo is implemented for zo.trainable: all (streamed blocks) only"))
+    for key in ("block_fraction", "mask_fraction"):
+        if getattr(z, key) < 1:
+            out.append((f"zo.{key}", "is not supported with zo.estimator: fzoo; set it to 1"))
+    if cfg.parallel.perturbation != 1:
+        out.append(("parallel.perturbation", "zo.estimator: fzoo has no ± pair to split across ranks; set it to 1 "
+                                             "(parallel.data works)"))
+    return out
 
 
 # --- YAML and overrides -----------------------------------------------------------------

@@ -33,6 +33,12 @@ run's initial weights (``thresholds``, kept in the checkpoint). m is taken from 
 start of each perturbation's chain, and again when the update is applied: it is recomputed on
 arrival, never stored (a bitmask per block would have to be streamed like momentum).
 
+With ``zo.estimator: fzoo`` (FZOO, Dang et al. 2025) the streams are ``(0, 0)`` — the weights as
+they are, f(θ) — and ``(k, +1)`` for the N one-sided perturbations, all stacked in the same pass;
+``θ + εz_k`` is built out of place per unit (``_one_sided``), so the master is never changed by the
+forwards and a block only the pending update touched is the only one written back. The update is
+MeZO's with the coefficients ``g_k / σ`` (``fzoo_coefficients``), applied on arrival the same way.
+
 A tied weight (embedding = lm_head) is used by two units. The first unit runs its chain in place
 like its own parameters and keeps a copy of each perturbed value a later unit will need; the
 later units bind those copies, and the last ``θ-εz`` stays in place until the block closes, when
@@ -69,7 +75,7 @@ class PendingUpdate:
     done: set[str] = field(default_factory=set)
 
 
-Stream = tuple[int, int]  # (perturbation index k, sign +1/-1); sign 0 = unperturbed (eval)
+Stream = tuple[int, int]  # (perturbation index k, sign +1/-1); sign 0 = unperturbed (eval, FZOO's f(θ))
 
 
 class ZOEngine:
@@ -105,6 +111,7 @@ class ZOEngine:
         self.z_cache_numel = z_cache_numel
         self._zc: torch.Tensor | None = None
         self._lo: torch.Tensor | None = None  # stochastic-rounding output, reused (see _round_buffer)
+        self._ob: torch.Tensor | None = None  # FZOO's out-of-place θ+εz of one unit, reused (see _one_sided)
 
     # ------------------------------------------------------------- one pass
     def run(self, step: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -181,7 +188,7 @@ class ZOEngine:
             touched = b in updating
             if touched:
                 self._apply_update(b, flat)
-            if b in active:
+            if b in active and self.h.estimator == "mezo":  # FZOO's forwards leave the weights untouched
                 touched = True
                 for p in self.layout.blocks[b].params:
                     v = _view(flat, p)
@@ -225,7 +232,8 @@ class ZOEngine:
                 self._perturb(_view(flat, p), self._pass.step, k, p, CHAIN[2] * self.h.eps, mask)
             bind(p, None)
         ps = self._pass
-        self.streamer.release(b, dirty=ps.dirty and (b in ps.touched or ps.perturbs(b)))
+        perturbed_in_place = ps.perturbs(b) and self.h.estimator == "mezo"  # FZOO perturbs copies
+        self.streamer.release(b, dirty=ps.dirty and (b in ps.touched or perturbed_in_place))
 
     # -------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -242,6 +250,8 @@ class ZOEngine:
             outs = [orig(*a, **kw) for a, kw in (slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows,
                                                             self._row_factors) for c in range(n_chunks))]
             result = cat_rows(outs, [ps.rows] * n_chunks)
+        elif self.h.estimator == "fzoo":
+            result = self._one_sided(unit, orig, flat, args, kwargs, n_total)
         else:
             own = [p for p in unit.params if p.param_id not in self._shared]
             shared = [p for p in unit.params if p.param_id in self._shared]
@@ -280,6 +290,39 @@ class ZOEngine:
         if is_layer:
             self._close_block(unit.block_id)
         return result
+
+    def _one_sided(self, unit: Unit, orig: Callable, flat: torch.Tensor, args: Any, kwargs: Any, n_total: int) -> Any:
+        """FZOO's streams on one unit: ``(0, 0)`` with the weights as they are, ``(k, +1)`` with
+        ``θ + εz_k`` computed out of place (``copy``, then the fused kernel's ``+εz_k``) into a
+        unit-sized buffer. The master is never perturbed in place, so nothing has to be restored
+        (its bits cannot drift), a tied weight's later unit computes the same copy again, and
+        replay has no chain to redo."""
+        ps, h = self._pass, self.h
+        numel = sum(p.numel for p in unit.params)
+        if self._ob is None or self._ob.numel() < numel or self._ob.dtype != flat.dtype:
+            self._ob = torch.empty(numel, dtype=flat.dtype, device=flat.device)
+        outs = []
+        try:
+            for i, (k, sign) in enumerate(ps.streams):
+                off = 0
+                for p in unit.params:
+                    v = _view(flat, p)
+                    if sign == 0:
+                        bind(p, v)
+                    else:
+                        t = self._ob[off:off + p.numel].view(p.shape).copy_(v)
+                        add_perturbation_(t, PerturbKey(h.seed, ps.step, k, p.param_id), alpha=sign * h.eps,
+                                          dist=h.distribution)
+                        bind(p, t)
+                    off += p.numel
+                for m in range(ps.num_micro):
+                    c = i * ps.num_micro + m
+                    a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows, self._row_factors)
+                    outs.append(orig(*a, **kw))
+        finally:
+            for p in unit.params:
+                bind(p, _view(flat, p))
+        return cat_rows(outs, [ps.rows] * len(outs))
 
     def _round_buffer(self, numel: int) -> torch.Tensor:
         """A reusable store-dtype buffer for one parameter's rounded values. A fresh tensor per

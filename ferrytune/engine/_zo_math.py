@@ -32,13 +32,30 @@ class ZOHyper:
     seed: int
     block_fraction: float = 1.0
     mask_fraction: float = 1.0
+    estimator: str = "mezo"  # "mezo" | "fzoo"
 
     @classmethod
     def from_config(cls, zo, train) -> "ZOHyper":
         """From the ``zo`` and ``train`` sections of a config."""
         return cls(eps=zo.eps, num_perturbations=zo.num_perturbations, distribution=zo.distribution,
                    update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed,
-                   block_fraction=zo.block_fraction, mask_fraction=zo.mask_fraction)
+                   block_fraction=zo.block_fraction, mask_fraction=zo.mask_fraction,
+                   estimator=zo.estimator)
+
+
+def fzoo_coefficients(l0: float, losses: Sequence[float], eps: float) -> tuple[list[float], float, list[float]]:
+    """FZOO's (Dang et al. 2025) step from the unperturbed loss ``l0`` and the N one-sided losses
+    ``l_i = f(θ+εz_i)``: ``g_i = (l_i - l0) / ε`` and ``σ = std(l_1..l_N)`` (the sample standard
+    deviation, divisor N-1, in float64); returns ``(c, σ, g)`` with ``c_i = g_i / σ``, so the update
+    ``θ ← θ - lr·(1/N)·Σ c_i z_i = θ - (lr/σ)·(1/N)·Σ g_i z_i`` is :func:`zo_update_` with ``grads = c``
+    (momentum, sign and weight decay compose as for MeZO)."""
+    n = len(losses)
+    mean = sum(losses) / n
+    sigma = (sum((x - mean) ** 2 for x in losses) / (n - 1)) ** 0.5
+    g = [(x - l0) / eps for x in losses]
+    if sigma == 0:
+        raise FloatingPointError("zo.estimator fzoo: the perturbed losses are all equal (σ = 0); raise zo.eps")
+    return [gi / sigma for gi in g], sigma, g
 
 
 def mask_threshold(values: torch.Tensor, fraction: float) -> float:

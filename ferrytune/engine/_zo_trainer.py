@@ -24,7 +24,7 @@ from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine
-from ferrytune.engine._zo_math import ZOHyper, mask_threshold
+from ferrytune.engine._zo_math import ZOHyper, fzoo_coefficients, mask_threshold
 from ferrytune.errors import CheckpointError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 ZO_LOG = "zo_log.jsonl"
 
 
-def streams_for(q: int, mesh: Mesh) -> list[Stream]:
-    """The (k, sign) streams this rank computes: all of them, or one sign under PertP."""
+def streams_for(q: int, mesh: Mesh, estimator: str = "mezo") -> list[Stream]:
+    """The (k, sign) streams this rank computes: all of them, or one sign under PertP. FZOO's are
+    the unperturbed ``(0, 0)`` and ``(k, +1)`` for k < q (the config refuses it with PertP)."""
+    if estimator == "fzoo":
+        return [(0, 0)] + [(k, 1) for k in range(q)]
     all_streams = [(k, s) for k in range(q) for s in (1, -1)]
     if mesh.perturbation == 1:
         return all_streams
@@ -44,9 +47,23 @@ def streams_for(q: int, mesh: Mesh) -> list[Stream]:
     return [st for st in all_streams if st[1] == sign]
 
 
+def stream_row(stream: Stream) -> int:
+    """The loss table's row of a stream: MeZO's ``(k, +)``, ``(k, -)`` at 2k, 2k+1; FZOO's f(θ) (the
+    ``(0, 0)`` stream) and ``(k, +)`` at rows 0 and 1+k (its own table: :func:`zo_forward`'s ``rows``)."""
+    k, sign = stream
+    return 2 * k + (0 if sign == 1 else 1)
+
+
+def _fzoo_row(stream: Stream) -> int:
+    return 0 if stream[1] == 0 else 1 + stream[0]
+
+
 def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[Stream], *,
                micro_index: list[int], num_micro_global: int, q: int, mesh: Mesh, dirty: bool = True) -> torch.Tensor:
-    """One pass; returns the global table (2q, M_global) of per-micro-batch loss sums (float64)."""
+    """One pass; returns the global table of per-micro-batch loss sums (float64): (2q, M_global) for
+    MeZO, (1+q, M_global) for FZOO (row 0: f(θ), row 1+k: f(θ+εz_k))."""
+    fzoo = engine.h.estimator == "fzoo"
+    row_of = _fzoo_row if fzoo else stream_row
     micro = pad_positions(micro)
     B = micro[0].batch_size
     dev = engine.device
@@ -54,11 +71,11 @@ def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[St
     mask = torch.cat([m.attention_mask for m in micro]).to(dev)
     pos = torch.cat([m.loss_positions for m in micro]).to(dev)  # (M*B, L)
     S = len(streams)
-    table = torch.zeros(2 * q, num_micro_global, dtype=torch.float64)
+    table = torch.zeros(1 + q if fzoo else 2 * q, num_micro_global, dtype=torch.float64)
 
     def head(logits: torch.Tensor) -> None:  # (S*M*B, L, V)
-        for si, (k, sign) in enumerate(streams):
-            row = 2 * k + (0 if sign == 1 else 1)
+        for si, stream in enumerate(streams):
+            row = row_of(stream)
             for mi, mb in enumerate(micro):
                 start = (si * len(micro) + mi) * B
                 losses = loss_per_sample(logits[start:start + B], mb.to(dev))  # (B,)
@@ -75,6 +92,14 @@ def grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[lis
     means = [sum(table[r].tolist()) / rows_total for r in range(2 * q)]
     grads = [(means[2 * k] - means[2 * k + 1]) / (2 * eps) for k in range(q)]
     return grads, (means[0] + means[1]) / 2
+
+
+def fzoo_grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[list[float], float, dict]:
+    """FZOO's coefficients ``c_k = g_k / σ`` from a (1+q, M) table (``fzoo_coefficients``), the step's
+    loss f(θ), and what the log keeps beside c (``g`` and ``sigma``)."""
+    means = [sum(table[r].tolist()) / rows_total for r in range(table.shape[0])]
+    coefs, sigma, g = fzoo_coefficients(means[0], means[1:], eps)
+    return coefs, means[0], {"g": g, "sigma": sigma}
 
 
 class ZOTrainer(StepLoop):
@@ -153,18 +178,22 @@ class ZOTrainer(StepLoop):
     def train_step(self, step: int) -> StepResult:
         cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
         q = cfg.zo.num_perturbations
-        streams = streams_for(q, mesh)
+        streams = streams_for(q, mesh, cfg.zo.estimator)
         M = self.batcher.num_micro_batches
         micro = self.batcher.batches_for_step(step, pad_id=self.pad_id)
         table = zo_forward(self.engine, step, micro, streams, micro_index=list(range(M))[mesh.dp_rank::mesh.data],
                            num_micro_global=M, q=q, mesh=mesh)
-        grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
+        extra = {}
+        if cfg.zo.estimator == "fzoo":  # grads = the update's coefficients g_k / σ; the log keeps g and σ too
+            grads, loss, extra = fzoo_grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
+        else:
+            grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
         if not all(math.isfinite(g) for g in grads):
             raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
         lr = lr_at(step, t)
         self.engine.pending = PendingUpdate(step, grads, lr)
         self.agree.update(*grads, lr)
-        self._log_step(step, grads, lr)
+        self._log_step(step, grads, lr, extra)
         tokens = sum(int(m.attention_mask.sum()) for m in micro) * len(streams)
         return StepResult(loss, lr, tokens, {"grad": grads[0]})
 
@@ -204,10 +233,13 @@ class ZOTrainer(StepLoop):
         self._save(dest, end)
         return dest
 
-    def _log_step(self, step: int, grads: list[float], lr: float) -> None:
+    def _log_step(self, step: int, grads: list[float], lr: float, extra: dict | None = None) -> None:
+        """``grads`` are the update's coefficients (MeZO: the projected gradients; FZOO: g_k / σ,
+        with ``g`` and ``sigma`` beside them): replay needs nothing else."""
         if self.mesh.is_main:
             with open(self.output_dir / ZO_LOG, "a") as f:
-                f.write(json.dumps({"step": step, "seed": self.cfg.train.seed, "grads": grads, "lr": lr}) + "\n")
+                f.write(json.dumps({"step": step, "seed": self.cfg.train.seed, "grads": grads, "lr": lr,
+                                    **(extra or {})}) + "\n")
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:

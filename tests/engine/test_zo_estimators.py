@@ -1,0 +1,124 @@
+"""``zo.estimator``: FZOO against a plain loop written out here, bit for bit, on the tiers; resume, replay
+and the refused combinations."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mezo_testlib import PlainSetup, resumed_and_replayed
+
+from ferrytune.errors import ConfigError
+from ferrytune.kernels import PerturbKey, add_perturbation_
+from ferrytune.launch.train import run
+
+FZOO = {"estimator": "fzoo", "distribution": "rademacher", "num_perturbations": 3, "eps": 1e-2}
+
+
+def _weights(cfg) -> dict[str, torch.Tensor]:
+    return load_file(f"{cfg.output_dir}/final/model.safetensors")
+
+
+def _metrics(cfg) -> list[dict]:
+    return [json.loads(ln) for ln in open(f"{cfg.output_dir}/metrics.jsonl") if "loss" in json.loads(ln)]
+
+
+def _plain_fzoo(cfg) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+    """FZOO (Dang et al. 2025) on a resident model: per step f(θ), then for each of N Rademacher z_i
+    f(θ+εz_i) (perturbed in place, restored from a saved copy); g_i = (f_i - f(θ)) / ε, σ the sample
+    std of the f_i, θ ← θ(1 - lr·wd) - (lr/σ)(1/N) Σ g_i z_i. Returns (weights, f(θ) per step, σ per step)."""
+    s = PlainSetup(cfg)
+    t, z = cfg.train, cfg.zo
+    n, eps = z.num_perturbations, z.eps
+    losses, sigmas = [], []
+    with torch.no_grad():
+        for step in range(t.steps):
+            batch = s.batch(step)
+            l0 = s.loss(batch)
+            perturbed = []
+            for k in range(n):
+                saved = [p.clone() for _, p in s.params]
+                for i, (_, p) in enumerate(s.params):
+                    add_perturbation_(p, PerturbKey(t.seed, step, k, i), alpha=eps, dist="rademacher")
+                perturbed.append(s.loss(batch))
+                for (_, p), v in zip(s.params, saved):
+                    p.copy_(v)
+            mean = sum(perturbed) / n
+            sigma = (sum((x - mean) ** 2 for x in perturbed) / (n - 1)) ** 0.5
+            assert sigma == pytest.approx(statistics.stdev(perturbed), rel=1e-9)  # the definition, independently
+            coef = [((x - l0) / eps) / sigma for x in perturbed]
+            for i, (_, p) in enumerate(s.params):
+                if t.weight_decay and p.dim() >= 2:
+                    p.mul_(1.0 - t.lr * t.weight_decay)
+                for k, c in enumerate(coef):
+                    add_perturbation_(p, PerturbKey(t.seed, step, k, i), alpha=-t.lr * c / n, dist="rademacher")
+            losses.append(l0)
+            sigmas.append(sigma)
+    return s.weights(), losses, sigmas
+
+
+@pytest.mark.parametrize("arch,tier,train", [
+    ("llama", "resident", {}),  # tied embedding = head
+    ("gpt2", "resident", {"weight_decay": 0.1}),
+    ("llama", "nvme", {"weight_decay": 0.1}),
+    ("llama", "host", {}),
+])
+def test_fzoo_equals_plain_loop(tiny_models, cfg_factory, arch, tier, train):
+    path = tiny_models(arch, layers=2, hidden=32)
+    cfg = cfg_factory(path, data={"eval": None}, zo=FZOO, offload={"tier": tier, "prefetch_depth": 1},
+                      train={"steps": 3, "lr": 1e-3, **train})
+    ref_w, ref_losses, ref_sigmas = _plain_fzoo(cfg)
+    run(cfg, progress=False)
+    got = _weights(cfg)
+    assert [m["loss"] for m in _metrics(cfg)] == ref_losses  # the step's loss is f(θ)
+    log = [json.loads(ln) for ln in open(f"{cfg.output_dir}/zo_log.jsonl")]
+    assert [e["sigma"] for e in log] == ref_sigmas and all(len(e["grads"]) == 3 for e in log)
+    base = load_file(f"{path}/model.safetensors")
+    for name, w in ref_w.items():
+        assert torch.equal(got[name], w), name
+        assert not torch.equal(w, base[name]), name  # the weights moved
+
+
+def test_fzoo_forwards_leave_blocks_clean(tiny_models, cfg_factory):
+    """FZOO perturbs out-of-place copies: a step with no pending update writes nothing back (MeZO's
+    in-place chain writes every block), and one with an update writes each block once, as MeZO does."""
+    path = tiny_models("llama", layers=3, hidden=32)
+    written = {}
+    for est, zo in (("fzoo", FZOO), ("mezo", {})):
+        cfg = cfg_factory(path, data={"eval": None}, zo=zo, offload={"tier": "nvme", "prefetch_depth": 1},
+                          train={"steps": 2})
+        run(cfg, progress=False)
+        written[est] = [r["bytes_written_nvme"] for r in _metrics(cfg)]
+    assert written["fzoo"][0] == 0 < written["mezo"][0]
+    assert written["fzoo"][1] == written["mezo"][0]
+
+
+@pytest.mark.parametrize("zo", [{}, {"momentum": 0.9}, {"update": "sign"}])
+def test_fzoo_resume_and_replay_are_exact(tiny_models, cfg_factory, zo):
+    path = tiny_models("llama", layers=2, hidden=32)
+    opts = dict(zo={**FZOO, **zo}, train={"steps": 5, "checkpoint_every_steps": 1, "lr": 1e-4}, data={"eval": None},
+                offload={"tier": "nvme"})
+    full = cfg_factory(path, **opts)
+    run(full, progress=False)
+    resumed, replayed = resumed_and_replayed(cfg_factory(path, **opts))
+    a = _weights(full)
+    assert all(torch.equal(resumed[k], a[k]) for k in a)
+    assert all(torch.equal(replayed[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("zo,parallel,key", [
+    ({"distribution": "gaussian"}, {}, "zo.distribution"),
+    ({"num_perturbations": 1}, {}, "zo.num_perturbations"),
+    ({"trainable": "lora"}, {}, "zo.trainable"),
+    ({"block_fraction": 0.5}, {}, "zo.block_fraction"),
+    ({"mask_fraction": 0.5}, {}, "zo.mask_fraction"),
+    ({}, {"perturbation": 2}, "parallel.perturbation"),
+])
+def test_fzoo_refuses_what_it_does_not_support(tiny_models, cfg_factory, zo, parallel, key):
+    path = tiny_models("llama", layers=2, hidden=32)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg_factory(path, zo={**FZOO, **zo}, parallel=parallel)
