@@ -84,6 +84,19 @@ def test_sparse_zo_two_ranks_equals_single_process(model, tmp_path, parallel):
     assert metric_losses(tmp_path / "dist") == metric_losses(tmp_path / "ref")
 
 
+def test_fzoo_data_parallel_two_ranks_equals_single_process(model, tmp_path):
+    # zo.estimator fzoo: the (1+N, M) table of f(θ) and f(θ+εz_k) sums is filled and all-reduced like
+    # MeZO's; σ and the coefficients are computed from it on every rank alike.
+    zo = {"estimator": "fzoo", "distribution": "rademacher", "num_perturbations": 3, "eps": 1e-2}
+    ref = config_dict(model, tmp_path / "ref", zo=zo)
+    run_single(ref)
+    d = config_dict(model, tmp_path / "dp", zo=zo, parallel={"data": 2, **CHECK})
+    torchrun(write_config(d, tmp_path / "dp.yaml"), 2)
+    assert_same_weights(tmp_path / "ref" / "final", tmp_path / "dp" / "final")
+    assert metric_losses(tmp_path / "dp") == metric_losses(tmp_path / "ref")
+    assert (tmp_path / "dp" / "zo_log.jsonl").read_text() == (tmp_path / "ref" / "zo_log.jsonl").read_text()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "sgd_sai"])
 def test_lora_data_parallel_two_ranks_equals_single_process(model, tmp_path, optimizer):
     # batch 4 in micro-batches of 2: one micro-batch per rank, so the gradient all-reduce adds
