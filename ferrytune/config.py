@@ -127,7 +127,8 @@ class ZOConfig(_Section):
     trainable: Literal["all", "lora"] = Field("all", description="parameters zo perturbs: the whole model or only LoRA adapters")
     mask_fraction: float = Field(1.0, gt=0, le=1, description="Sparse MeZO: perturb and update only the parameters of small magnitude, |w| <= the mask_fraction quantile of |w| per tensor in the run's initial weights (mask recomputed on arrival). 1 = every parameter")
     block_fraction: float = Field(1.0, gt=0, le=1, description="LeZO: fraction of blocks (the outer block and the layers) perturbed and updated per step, drawn from (train.seed, step); the others run unperturbed and are not written back. 1 = MeZO")
-    estimator: Literal["mezo", "fzoo"] = Field("mezo", description="mezo: two-sided g_k = (f(θ+εz_k) - f(θ-εz_k)) / 2ε; fzoo (FZOO): one unperturbed forward and num_perturbations one-sided ones with Rademacher z, step normalised by the std of the perturbed losses")
+    estimator: Literal["mezo", "fzoo", "hizoo"] = Field("mezo", description="mezo: two-sided g_k = (f(θ+εz_k) - f(θ-εz_k)) / 2ε; fzoo (FZOO): one unperturbed forward and num_perturbations one-sided ones with Rademacher z, step normalised by the std of the perturbed losses; hizoo (HiZOO): MeZO with z scaled by H^-1/2, H a diagonal Hessian EMA from f(θ+εu)+f(θ-εu)-2f(θ) (zo.trainable: lora only)")
+    hessian_smooth: float = Field(1e-6, gt=0, le=1, description="HiZOO: EMA weight alpha of the diagonal Hessian estimate (zo.estimator: hizoo only)")
 
 
 class LoRAConfig(_Section):
@@ -313,6 +314,10 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
                                           "zo.trainable: lora"))
     if cfg.method == "zo" and cfg.zo.estimator == "fzoo":
         problems += _fzoo_problems(cfg)
+    if cfg.method == "zo" and cfg.zo.estimator == "hizoo":
+        problems += _hizoo_problems(cfg)
+    if cfg.method == "zo" and cfg.zo.estimator != "hizoo" and "hessian_smooth" in cfg.zo.model_fields_set:
+        problems.append(("zo.hessian_smooth", "applies to zo.estimator: hizoo only; remove it"))
     if cfg.offload.tier == "nvme" and not cfg.offload.nvme_dir:
         problems.append(("offload.nvme_dir", "required when offload.tier is 'nvme' (set it to a directory on a fast local disk)"))
     if cfg.parallel.backend == "nccl" and cfg.device != "cuda":
@@ -342,6 +347,19 @@ def _fzoo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
     if cfg.parallel.perturbation != 1:
         out.append(("parallel.perturbation", "zo.estimator: fzoo has no ± pair to split across ranks; set it to 1 "
                                              "(parallel.data works)"))
+    return out
+
+
+def _hizoo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """What ``zo.estimator: hizoo`` does not combine with, one (key, message) each."""
+    out = []
+    if cfg.zo.trainable != "lora":
+        out.append(("zo.trainable", "zo.estimator: hizoo keeps one fp32 Hessian value per trained parameter, "
+                                    "implemented for zo.trainable: lora (the adapters, held in memory) only; "
+                                    "set zo.trainable: lora"))
+    if cfg.parallel.perturbation != 1 or cfg.parallel.data != 1:
+        out.append(("parallel.data" if cfg.parallel.data != 1 else "parallel.perturbation",
+                    "zo.estimator: hizoo runs in one process only; set parallel.data and parallel.perturbation to 1"))
     return out
 
 

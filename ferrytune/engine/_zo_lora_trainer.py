@@ -7,6 +7,17 @@ the numbers are the loop's — and loaded into one adapter per stream ``(k, ±)`
 One streamed pass then runs every stream: each unit runs once per stream slice
 of the batch, with that stream's adapter routed to it. So the base is read once
 per micro-batch for all 2q forwards.
+
+``zo.estimator: hizoo`` (HiZOO, Zhao et al. 2024, arXiv 2402.15173) adds the unperturbed stream
+``(0, 0)`` (f(θ)) and keeps a diagonal Hessian estimate ``H`` (one fp32 value per adapter parameter,
+``H_0 = 1``, saved in checkpoints as ``zo_hessian.pt``). Per step, with ``u_k = z_k / sqrt(H)``::
+
+    L±_k = f(θ ± ε u_k),  L0 = f(θ),  g_k = (L+_k - L-_k) / 2ε
+    θ ← update(θ, Σ_k g_k u_k / q)                (zo_update_: sgd/sign, momentum, weight decay)
+    H ← (1 - α) H + Σ_k (α D_k / q) (H z_k z_k),  D_k = |L+_k + L-_k - 2 L0| / (2ε²)
+
+(α = ``zo.hessian_smooth``), the update using the H the step perturbed with; E[g u] ≈ H^-1 ∇f: the
+Hessian-preconditioned step. The H update is HiZOO's (its Σ^{-1} is our H).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from ferrytune.engine._loop import StepResult
 from ferrytune.engine._zo_math import ZOHyper, chained_copies, zo_update_
 from ferrytune.data import pad_positions
 from ferrytune.engine._zo_trainer import grads_from, streams_for
+from ferrytune.errors import CheckpointError
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.lora import Adapter, Router, attach
 from ferrytune.parallel import all_reduce_sum_
@@ -31,6 +43,7 @@ from ferrytune.parallel import all_reduce_sum_
 logger = logging.getLogger(__name__)
 
 MOMENTUM_NAME = "zo_momentum.pt"
+HESSIAN_NAME = "zo_hessian.pt"
 
 
 class ZOLoraTrainer(LoraTrainer):
@@ -47,7 +60,8 @@ class ZOLoraTrainer(LoraTrainer):
         self.theta = [p for path in self.adapter.paths for p in (self.adapter.a(path), self.adapter.b(path))]
         for p in self.theta:
             p.requires_grad_(False)
-        self.streams = streams_for(self.cfg.zo.num_perturbations, self.mesh)
+        self.hizoo = self.cfg.zo.estimator == "hizoo"
+        self.streams = ([(0, 0)] if self.hizoo else []) + streams_for(self.cfg.zo.num_perturbations, self.mesh)
         self.stream_adapters = [Adapter(self.adapter.targets, self.spec, device=self.rt.device)
                                 for _ in self.streams]
         self.router = Router()
@@ -58,6 +72,15 @@ class ZOLoraTrainer(LoraTrainer):
             if self.ckpt is not None and (self.ckpt / MOMENTUM_NAME).exists():
                 for m, v in zip(self.momentum, torch.load(self.ckpt / MOMENTUM_NAME)):
                     m.copy_(v)
+        self.hessian = None
+        if self.hizoo:
+            self.hessian = [torch.ones_like(p) for p in self.theta]
+            if self.ckpt is not None:
+                if not (self.ckpt / HESSIAN_NAME).exists():
+                    raise CheckpointError(f"{self.ckpt}: has no {HESSIAN_NAME} (saved without zo.estimator: hizoo); "
+                                          "resume it with the zo settings it was trained with")
+                for h, v in zip(self.hessian, torch.load(self.ckpt / HESSIAN_NAME)):
+                    h.copy_(v)
 
     def _eval_handle(self):
         return attach(self.rt.layout.model, [self.adapter])
@@ -73,7 +96,7 @@ class ZOLoraTrainer(LoraTrainer):
             for adapter, stream in zip(self.stream_adapters, self.streams):
                 for dst, src in zip(_params(adapter), values[stream]):
                     dst.copy_(src)
-        table = torch.zeros(2 * q, M, dtype=torch.float64)
+        table = torch.zeros(2 * q + (1 if self.hizoo else 0), M, dtype=torch.float64)  # row 2q: f(θ)
         S = len(self.streams)
         self.engine.chunk_rows = B
         self.engine.chunk_context = lambda i: self.router.route([(i, 0, B)])
@@ -92,22 +115,27 @@ class ZOLoraTrainer(LoraTrainer):
                     self.engine.end_step()
                     for s, (k, sign) in enumerate(self.streams):
                         per = loss_per_sample(logits[s * B:(s + 1) * B], b)
-                        table[2 * k + (0 if sign == 1 else 1), gi] = float(per.sum())
+                        table[2 * q if sign == 0 else 2 * k + (0 if sign == 1 else 1), gi] = float(per.sum())
         finally:
             self.engine.chunk_rows = self.engine.chunk_context = None
         all_reduce_sum_(table, self.mesh)
-        grads, loss = grads_from(table, eps=eps, rows_total=t.batch_size)
-        if not all(math.isfinite(g) for g in grads):
+        grads, loss = grads_from(table[:2 * q], eps=eps, rows_total=t.batch_size)
+        curv = None
+        if self.hizoo:  # the step's loss is f(θ); D_k = |L+ + L- - 2 L0| / 2ε² per perturbation
+            means = [sum(table[r].tolist()) / t.batch_size for r in range(2 * q + 1)]
+            loss = means[2 * q]
+            curv = [abs(means[2 * k] + means[2 * k + 1] - 2 * loss) / (2 * eps * eps) for k in range(q)]
+        if not all(math.isfinite(g) for g in grads + (curv or [])):
             raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
         lr = lr_at(step, t)
-        self._update(step, grads, restored, lr)
+        self._update(step, grads, restored, lr, curv)
         self.agree.update(*grads, lr)
         return StepResult(loss, lr, sum(int(m.attention_mask.sum()) for m in micro) * S, {"grad": grads[0]})
 
     def _perturbed_values(self, step: int) -> tuple[dict, list[torch.Tensor]]:
         z_cfg = self.cfg.zo
         base = [p.detach().clone() for p in self.theta]
-        values = {}
+        values = {(0, 0): [b.clone() for b in base]}  # f(θ): HiZOO's stream (unused otherwise)
         for k in range(z_cfg.num_perturbations):
             zs = self._z(step, k)
             links = [chained_copies(b, lambda t, a, z=z: t.add_(z, alpha=a), z_cfg.eps) for b, z in zip(base, zs)]
@@ -115,12 +143,17 @@ class ZOLoraTrainer(LoraTrainer):
             base = [c[2] for c in links]
         return values, base
 
-    def _z(self, step: int, k: int) -> list[torch.Tensor]:
-        return [perturbation(PerturbKey(self.cfg.train.seed, step, k, i), p.shape,
-                             dist=self.cfg.zo.distribution, device=self.rt.device)
-                for i, p in enumerate(self.theta)]
+    def _z(self, step: int, k: int, *, raw: bool = False) -> list[torch.Tensor]:
+        """z_k per adapter parameter; under HiZOO (unless ``raw``) the perturbation ``u_k = z_k / sqrt(H)``."""
+        zs = [perturbation(PerturbKey(self.cfg.train.seed, step, k, i), p.shape,
+                           dist=self.cfg.zo.distribution, device=self.rt.device)
+              for i, p in enumerate(self.theta)]
+        if self.hessian is None or raw:
+            return zs
+        return [z / h.sqrt() for z, h in zip(zs, self.hessian)]
 
-    def _update(self, step: int, grads: list[float], restored: list[torch.Tensor], lr: float) -> None:
+    def _update(self, step: int, grads: list[float], restored: list[torch.Tensor], lr: float,
+                curv: list[float] | None = None) -> None:
         hyper = ZOHyper.from_config(self.cfg.zo, self.cfg.train)
         zs = [self._z(step, k) for k in range(len(grads))]
         with torch.no_grad():
@@ -128,6 +161,14 @@ class ZOLoraTrainer(LoraTrainer):
                 p.copy_(restored[i])
                 zo_update_(p, lambda t, k, a, i=i: t.add_(zs[k][i], alpha=a), grads, lr=lr, hyper=hyper,
                            momentum=None if self.momentum is None else self.momentum[i])
+            if curv is not None:  # H ← (1-α) H + Σ_k (α D_k / q) (H z_k z_k), from the H this step used
+                a, q = self.cfg.zo.hessian_smooth, len(curv)
+                raw = [self._z(step, k, raw=True) for k in range(q)]
+                for i, h in enumerate(self.hessian):
+                    new = h * (1 - a)
+                    for k, d in enumerate(curv):
+                        new = new + (a * d / q) * (h * raw[k][i] * raw[k][i])
+                    h.copy_(new)
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:
@@ -143,6 +184,8 @@ class ZOLoraTrainer(LoraTrainer):
     def _save_optimizer(self, folder: Path) -> None:
         if self.momentum is not None:
             torch.save(self.momentum, folder / MOMENTUM_NAME)
+        if self.hessian is not None:
+            torch.save(self.hessian, folder / HESSIAN_NAME)
 
 
 def _params(adapter: Adapter) -> list[torch.nn.Parameter]:

@@ -122,3 +122,125 @@ def test_fzoo_refuses_what_it_does_not_support(tiny_models, cfg_factory, zo, par
     path = tiny_models("llama", layers=2, hidden=32)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg_factory(path, zo={**FZOO, **zo}, parallel=parallel)
+
+
+# ------------------------------------------------------------------------------------------ HiZOO
+LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+HIZOO = {"estimator": "hizoo", "trainable": "lora", "eps": 1e-2, "hessian_smooth": 0.3}
+
+
+def _plain_hizoo(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """HiZOO (Zhao et al. 2024) on the adapter of a resident model: H = 1 at the start; per step
+    L0 = f(θ), and per perturbation k, u = z_k / sqrt(H): θ += εu, L+, θ -= 2εu, L-, θ += εu (MeZO's
+    in-place chain); then θ -= lr·g_k/q·u_k, and H ← (1-α)H + Σ_k α D_k/q · H z_k², with
+    g_k = (L+ - L-)/2ε and D_k = |L+ + L- - 2 L0| / 2ε². Returns (adapter params, H after each step,
+    L0 per step)."""
+    from ferrytune.kernels import perturbation
+    from ferrytune.lora import Adapter, LoraSpec, attach, find_targets
+
+    s = PlainSetup(cfg)
+    t, zc = cfg.train, cfg.zo
+    spec = LoraSpec(**LORA)
+    adapter = Adapter.create(find_targets(s.model, spec), spec, seed=t.seed)
+    attach(s.model, [adapter])
+    theta = [p for pth in adapter.paths for p in (adapter.a(pth), adapter.b(pth))]
+    hess = [torch.ones_like(p) for p in theta]
+    q, eps, a = zc.num_perturbations, zc.eps, zc.hessian_smooth
+    losses, history = [], []
+    with torch.no_grad():
+        for step in range(t.steps):
+            batch = s.batch(step)
+            zs = [[perturbation(PerturbKey(t.seed, step, k, i), p.shape) for i, p in enumerate(theta)]
+                  for k in range(q)]
+            us = [[z / h.sqrt() for z, h in zip(zk, hess)] for zk in zs]
+            l0 = s.loss(batch)
+            grads, curv = [], []
+            for k in range(q):
+                for p, u in zip(theta, us[k]):
+                    p.add_(u, alpha=eps)
+                lp = s.loss(batch)
+                for p, u in zip(theta, us[k]):
+                    p.add_(u, alpha=-2 * eps)
+                lm = s.loss(batch)
+                for p, u in zip(theta, us[k]):
+                    p.add_(u, alpha=eps)
+                grads.append((lp - lm) / (2 * eps))
+                curv.append(abs(lp + lm - 2 * l0) / (2 * eps * eps))
+            for i, p in enumerate(theta):
+                for k, g in enumerate(grads):
+                    p.add_(us[k][i], alpha=-t.lr * g / q)
+            for i, h in enumerate(hess):
+                new = h * (1 - a)
+                for k, d in enumerate(curv):
+                    new = new + (a * d / q) * (h * zs[k][i] * zs[k][i])
+                h.copy_(new)
+            losses.append(l0)
+            history.append([h.clone() for h in hess])
+    return theta, history, losses
+
+
+def _adapter(cfg, folder="final") -> dict[str, torch.Tensor]:
+    return load_file(f"{cfg.output_dir}/{folder}/adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("q,tier", [(1, "resident"), (2, "nvme")])
+def test_hizoo_equals_plain_loop(tiny_models, cfg_factory, q, tier):
+    path = tiny_models("llama", layers=2, hidden=32)
+    cfg = cfg_factory(path, zo={**HIZOO, "num_perturbations": q}, lora=LORA, data={"eval": None},
+                      train={"steps": 3, "lr": 1e-2, "checkpoint_every_steps": 2}, offload={"tier": tier})
+    res = run(cfg, progress=False)
+    theta, history, losses = _plain_hizoo(cfg)
+    assert res.losses == losses
+    got = sorted(_adapter(cfg).values(), key=lambda v: v.shape)  # compare as a multiset of tensors
+    from ferrytune.engine._zo_lora_trainer import HESSIAN_NAME
+    saved_h = torch.load(f"{cfg.output_dir}/checkpoints/step-000002/{HESSIAN_NAME}")  # H after steps 0 and 1
+    assert len(saved_h) == len(history[1]) and all(torch.equal(x, y) for x, y in zip(saved_h, history[1]))
+    assert any(not torch.equal(h, torch.ones_like(h)) for h in history[1])  # H moved
+    assert len(got) == len(theta)
+    assert all(any(torch.equal(g, p) for p in theta) for g in got)
+
+
+@pytest.mark.parametrize("zo", [{}, {"momentum": 0.9, "num_perturbations": 2}])
+def test_hizoo_resume_is_exact(tiny_models, cfg_factory, zo):
+    """H is saved with each checkpoint: stopped at step 3 and resumed = uninterrupted, bit for bit."""
+    path = tiny_models("llama", layers=2, hidden=32)
+    opts = dict(zo={**HIZOO, **zo}, lora=LORA, data={"eval": None}, train={"steps": 5, "checkpoint_every_steps": 1,
+                                                                          "lr": 1e-2})
+    full = cfg_factory(path, **opts)
+    full_res = run(full, progress=False)
+    part = cfg_factory(path, **opts)
+    run(part.model_copy(update={"train": part.train.model_copy(update={"steps": 3})}), progress=False)
+    part_res = run(part.model_copy(update={"resume": "auto"}), progress=False)
+    n = len(part_res.losses)  # resumed from the last checkpoint the 3-step run wrote
+    assert n >= 2 and part_res.losses == full_res.losses[-n:]
+    a, b = _adapter(full), _adapter(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hizoo_resume_from_a_mezo_checkpoint_is_refused(tiny_models, cfg_factory):
+    from ferrytune.errors import CheckpointError
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    opts = dict(lora=LORA, data={"eval": None}, train={"steps": 3, "checkpoint_every_steps": 1})
+    mezo = cfg_factory(path, zo={"trainable": "lora"}, **opts)
+    run(mezo.model_copy(update={"train": mezo.train.model_copy(update={"steps": 2})}), progress=False)
+    hizoo = mezo.model_copy(update={"zo": mezo.zo.model_copy(update={"estimator": "hizoo"}), "resume": "auto"})
+    with pytest.raises(CheckpointError, match="zo_hessian"):
+        run(hizoo, progress=False)
+
+
+@pytest.mark.parametrize("zo,parallel,key", [
+    ({"trainable": "all"}, {}, "zo.trainable"),
+    ({"block_fraction": 0.5}, {}, "zo.block_fraction"),
+    ({}, {"perturbation": 2}, "parallel.perturbation"),
+    ({}, {"data": 2}, "parallel.data"),
+])
+def test_hizoo_refuses_what_it_does_not_support(tiny_models, cfg_factory, zo, parallel, key):
+    path = tiny_models("llama", layers=2, hidden=32)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg_factory(path, zo={**HIZOO, **zo}, parallel=parallel, lora=LORA)
+
+
+def test_hessian_smooth_without_hizoo_is_refused(tiny_models, cfg_factory):
+    with pytest.raises(ConfigError, match=r"zo\.hessian_smooth"):
+        cfg_factory(tiny_models("llama", layers=2, hidden=32), zo={"hessian_smooth": 0.1})
