@@ -9,6 +9,16 @@ on). metrics.jsonl gives each eval line's ``wall_s`` (seconds since set-up) and 
 the step-0 line is the zero-shot baseline. Plain MeZO: full-parameter ZO, ``"{text} It was"``,
 lr 1e-6, eps 1e-3 (the previous example). Recipe: ``examples/zo_smollm2_rt_polarity.yaml``.
 Prints a table (time to 0.70 / 0.75, best accuracy) and writes JSON and a PNG of the curves.
+
+Estimators at an equal forward budget (``--compare``): each ``NAME[:KEY=VALUE,...]`` is a run with
+``zo.estimator=NAME`` and those ``zo.*`` settings (``--zo KEY=VALUE`` applies to every run; ``lr=...``
+sets ``train.lr``), trained for ``--forwards F // forwards-per-step`` steps (mezo 2q, fzoo N+1,
+hizoo 2q+1) and evaluated at the end; the table gives the first and last train loss and the dev
+loss and accuracy after those F forwards:
+
+    python benchmarks/bench_zo_time_to_accuracy.py --model DIR --data DIR --forwards 40 \
+        --compare mezo:trainable=all,lr=1e-6 fzoo:trainable=all,num_perturbations=4,lr=1e-8 \
+                  mezo:trainable=lora hizoo:trainable=lora,hessian_smooth=1e-6
 """
 
 from __future__ import annotations
@@ -46,6 +56,51 @@ def run_one(name: str, overrides: list[str], args) -> Path:
     return out
 
 
+def _forwards_per_step(estimator: str, q: int) -> int:
+    return {"mezo": 2 * q, "fzoo": q + 1, "hizoo": 2 * q + 1}[estimator]
+
+
+def compare_estimators(args) -> int:
+    """One run per ``--compare`` item, each at the same number of forwards (see the module docstring)."""
+    rows, out_runs = [], {}
+    for i, item in enumerate(args.compare):
+        est, _, opts = item.partition(":")
+        sets = dict(kv.split("=", 1) for kv in args.zo)
+        sets.update(kv.split("=", 1) for kv in opts.split(",") if kv)
+        lr = sets.pop("lr", None)
+        if est == "fzoo":
+            sets.setdefault("distribution", "rademacher")
+            sets.setdefault("num_perturbations", "4")
+        q = int(sets.get("num_perturbations", 1))
+        per = _forwards_per_step(est, q)
+        steps = max(1, args.forwards // per)
+        overrides = [f"zo.estimator={est}", *[f"zo.{k}={v}" for k, v in sets.items()], f"train.steps={steps}",
+                     "train.lr_schedule=constant", "train.checkpoint_every_steps=null",
+                     f"train.eval_every_steps={steps}"]
+        if lr is not None:
+            overrides.append(f"train.lr={lr}")
+        name = f"{i}-{est}-{sets.get('trainable', 'lora')}"
+        saved_steps, args.steps = args.steps, None
+        run_dir = run_one(name, overrides, args)
+        args.steps = saved_steps
+        recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        train = [r["loss"] for r in recs if "loss" in r]
+        evals = [r for r in recs if "eval_loss" in r]
+        last = evals[-1] if evals else {}
+        rows.append([item, per, steps, per * steps, train[0] if train else None, train[-1] if train else None,
+                     evals[0].get("eval_loss") if evals else None, last.get("eval_loss"), last.get("eval_accuracy"),
+                     recs[-1].get("wall_s")])
+        out_runs[item] = {"run_dir": str(run_dir), "forwards_per_step": per, "steps": steps, "train_loss": train,
+                          "eval": evals}
+    head = ["run", "fwd/step", "steps", "forwards", "loss first", "loss last", "dev loss 0", "dev loss end",
+            "dev acc end", "wall s"]
+    print_table(head, rows, title=f"ZO estimators at {args.forwards} forwards (dev rows: {args.eval_samples})")
+    write_json(Path(args.out), {"machine": machine(), "forwards": args.forwards, "eval_samples": args.eval_samples,
+                                "table": [dict(zip(head, r)) for r in rows], "runs": out_runs})
+    log(f"wrote {args.out}")
+    return 0
+
+
 def curve(run_dir: Path) -> list[dict]:
     lines = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return [{"step": r["step"], "wall_s": r["wall_s"], "accuracy": r["eval_accuracy"]}
@@ -68,7 +123,14 @@ def main() -> int:
     p.add_argument("--plot-only", nargs="*", default=None, metavar="NAME=RUN_DIR",
                    help="plot existing runs instead of training")
     p.add_argument("--out", default=str(REPO / "bench-out/zo_time_to_accuracy.json"))
+    p.add_argument("--compare", nargs="+", default=None, metavar="ESTIMATOR[:KEY=VALUE,...]",
+                   help="compare zo.estimator runs at an equal forward budget instead (module docstring)")
+    p.add_argument("--forwards", type=int, default=40, help="--compare: forwards each run may spend")
+    p.add_argument("--zo", action="append", default=[], metavar="KEY=VALUE",
+                   help="--compare: a zo setting for every run (repeatable), e.g. eps=1e-2")
     args = p.parse_args()
+    if args.compare:
+        return compare_estimators(args)
 
     if args.plot_only is not None:
         runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.plot_only)}
