@@ -245,7 +245,7 @@ class ZOSession:
         t0 = time.perf_counter()
         self.trainer.setup()
         self.setup_s = time.perf_counter() - t0
-        self.streams = streams_for(cfg.zo.num_perturbations, self.trainer.mesh)
+        self.streams = streams_for(cfg.zo.num_perturbations, self.trainer.mesh, cfg.zo.estimator)
         self.next_step = 0
         self.records: list[dict] = []
 
