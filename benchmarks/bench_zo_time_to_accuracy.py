@@ -79,6 +79,7 @@ def compare_estimators(args) -> int:
                      f"train.eval_every_steps={steps}"]
         if lr is not None:
             overrides.append(f"train.lr={lr}")
+        overrides += args.sets
         name = f"{i}-{est}-{sets.get('trainable', 'lora')}"
         saved_steps, args.steps = args.steps, None
         run_dir = run_one(name, overrides, args)
@@ -128,6 +129,8 @@ def main() -> int:
     p.add_argument("--forwards", type=int, default=40, help="--compare: forwards each run may spend")
     p.add_argument("--zo", action="append", default=[], metavar="KEY=VALUE",
                    help="--compare: a zo setting for every run (repeatable), e.g. eps=1e-2")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="--compare: any other setting for every run (repeatable), e.g. train.batch_size=8")
     args = p.parse_args()
     if args.compare:
         return compare_estimators(args)
