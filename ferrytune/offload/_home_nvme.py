@@ -15,6 +15,7 @@ import torch
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._home import esize
 from ferrytune.offload._backends import make_io_backend
+from ferrytune.offload._io import PAGE_BYTES
 from ferrytune.offload._plan import Tier
 from ferrytune.offload._store import NvmeBlockStore
 
@@ -47,6 +48,14 @@ class NvmeHome:
     def source(self, b: str, staging: Any) -> torch.Tensor:
         self.store.read(b, staging)  # verifies the record's checksum
         return self.target(b, staging)
+
+    def source_range(self, b: str, lo: int, hi: int, staging: Any) -> tuple[torch.Tensor, int]:
+        """Elements ``[lo, hi)`` of the master (store dtype) and the bytes read for them: the page-aligned
+        byte range that covers them, read into the same bytes of ``staging`` (not verified: a part)."""
+        lo_b = lo * self._es // PAGE_BYTES * PAGE_BYTES
+        hi_b = min(-(-hi * self._es // PAGE_BYTES) * PAGE_BYTES, self.store.record(b).padded_bytes)
+        nbytes = self.store.read_range(b, staging, lo_b, hi_b)
+        return self.target(b, staging)[lo:hi], nbytes
 
     def span(self, b: str) -> tuple[int, int]:
         return 0, self.numel[b]

@@ -292,6 +292,25 @@ class NvmeBlockStore:
         """Read the record into ``buf``, verify it, and return its payload bytes."""
         return self.submit_read(block_id, buf).result()
 
+    def read_range(self, block_id: str, buf: HostBuffer | Any, lo: int, hi: int) -> int:
+        """Read payload bytes ``[lo, hi)`` of the record into the same bytes of ``buf`` (both page-aligned,
+        ``hi`` at most the padded payload); returns ``hi - lo``. A part of a record cannot be checked
+        against the record's checksum: a range read is not verified (MoE routed-only reads)."""
+        rec, payload = self._payload_view(block_id, buf)
+        if lo % PAGE_BYTES or hi % PAGE_BYTES or not 0 <= lo < hi <= rec.padded_bytes:
+            raise StoreError(f"record {block_id!r}: range [{lo}, {hi}) is not page-aligned inside "
+                             f"its {rec.padded_bytes} padded bytes")
+        with self._lock:
+            if block_id in self._writing:
+                raise StoreError(f"record {block_id!r} is being written; wait for the write before reading")
+            self._reading[block_id] = self._reading.get(block_id, 0) + 1
+        try:
+            self._backend.submit_read(self._fds[rec.file], rec.offset + PAGE_BYTES + lo, payload[lo:hi]).result()
+        finally:
+            with self._lock:
+                self._reading[block_id] -= 1
+        return hi - lo
+
     def submit_write(self, block_id: str, buf: HostBuffer | Any, nbytes: int | None = None) -> Future[None]:
         """Start a write. The buffer must stay unchanged until the future is done."""
         rec, payload = self._payload_view(block_id, buf)
