@@ -22,8 +22,8 @@ needs that: its loads are collective).
 
 **Routed-only MoE reads** (``expert_ranges``; a pass started with ``routed=True``): a MoE layer's
 block is loaded as its dense part only (attention, norms, router), and ``fetch_experts(b, ids)``
-reads the routed experts' ranges into the slot, synchronously, when the router has run. A slot
-remembers which experts it holds (``Slot.experts``; ``None``: the whole block), so a slot shared at
+reads the routed experts' ranges into the slot when the router has run: synchronously, with all of
+the layer's missing ranges in flight at once. A slot remembers which experts it holds (``Slot.experts``; ``None``: the whole block), so a slot shared at
 LoRA's forward/backward turn or served again reads no expert twice; a pass that is not routed never
 serves a partly filled slot. Bytes are counted per (block, expert) (``StreamStats.expert_bytes``).
 Every wait of the compute thread is timed and counted
@@ -47,7 +47,7 @@ import torch
 
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._copy import Copier
-from ferrytune.offload._home import Home, esize, read_into, read_master, read_range_into, write_from
+from ferrytune.offload._home import Home, esize, read_into, read_master, read_range_into, read_ranges_into, write_from
 from ferrytune.offload._plan import Plan, Tier
 from ferrytune.offload._pool import HostBufferPool
 
@@ -375,19 +375,21 @@ class BlockStreamer:
         slot = slots[-1]
         tier = self.plan.home[b]
         home, copier = self._homes[tier], self._copier
-        work = slot.working[: self.numel[b]]
-        total = 0
-        for e in sorted({int(e) for e in experts} - slot.experts):
-            t0 = time.perf_counter()
-            nbytes = sum(read_range_into(home, b, work, lo, hi, slot.staging, copier)
-                         for lo, hi in self.expert_ranges[b][1][e])
-            ev = copier.loaded()
-            copier.settle(ev)
-            copier.use(ev)
+        missing = sorted({int(e) for e in experts} - slot.experts)
+        if not missing:
+            return 0
+        t0 = time.perf_counter()
+        owner = [e for e in missing for _ in self.expert_ranges[b][1][e]]
+        ranges = [r for e in missing for r in self.expert_ranges[b][1][e]]
+        nbytes = read_ranges_into(home, b, slot.working[: self.numel[b]], ranges, slot.staging, copier)
+        ev = copier.loaded()
+        copier.settle(ev)
+        copier.use(ev)
+        seconds = (time.perf_counter() - t0) / len(missing)
+        for e in missing:
             slot.experts.add(e)
-            self.stats.count_expert_read(tier.value, b, e, nbytes, time.perf_counter() - t0)
-            total += nbytes
-        return total
+            self.stats.count_expert_read(tier.value, b, e, sum(n for o, n in zip(owner, nbytes) if o == e), seconds)
+        return sum(nbytes)
 
     def release(self, b: str, *, dirty: bool) -> None:
         """Hand block ``b`` back; a dirty block is written to its home in the background."""

@@ -63,6 +63,17 @@ def read_range_into(home: Home, b: str, work: torch.Tensor, lo: int, hi: int, st
     return nbytes
 
 
+def read_ranges_into(home: Home, b: str, work: torch.Tensor, ranges: list[tuple[int, int]], staging: Any,
+                     copier: Copier) -> list[int]:
+    """``read_range_into`` of several ranges (an NVMe home reads them at once); bytes per range."""
+    many = getattr(home, "source_ranges", None)
+    srcs = many(b, ranges, staging) if many else [home.source_range(b, lo, hi, staging) for lo, hi in ranges]
+    with copier.loading():
+        for (lo, hi), (src, _) in zip(ranges, srcs):
+            copier.copy_in(work[lo:hi], src)
+    return [n for _, n in srcs]
+
+
 def write_from(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
     """The master from the working copy (rounded to the store dtype in the copy); returns the tier's bytes.
 

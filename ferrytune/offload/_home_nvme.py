@@ -52,10 +52,19 @@ class NvmeHome:
     def source_range(self, b: str, lo: int, hi: int, staging: Any) -> tuple[torch.Tensor, int]:
         """Elements ``[lo, hi)`` of the master (store dtype) and the bytes read for them: the page-aligned
         byte range that covers them, read into the same bytes of ``staging`` (not verified: a part)."""
-        lo_b = lo * self._es // PAGE_BYTES * PAGE_BYTES
-        hi_b = min(-(-hi * self._es // PAGE_BYTES) * PAGE_BYTES, self.store.record(b).padded_bytes)
-        nbytes = self.store.read_range(b, staging, lo_b, hi_b)
-        return self.target(b, staging)[lo:hi], nbytes
+        return self.source_ranges(b, [(lo, hi)], staging)[0]
+
+    def source_ranges(self, b: str, ranges: list[tuple[int, int]], staging: Any) -> list[tuple[torch.Tensor, int]]:
+        """``source_range`` of several ranges, their reads in flight at once."""
+        padded = self.store.record(b).padded_bytes
+        futs = []
+        for lo, hi in ranges:
+            lo_b = lo * self._es // PAGE_BYTES * PAGE_BYTES
+            hi_b = min(-(-hi * self._es // PAGE_BYTES) * PAGE_BYTES, padded)
+            futs.append(self.store.submit_read_range(b, staging, lo_b, hi_b))
+        nbytes = [f.result() for f in futs]
+        whole = self.target(b, staging)
+        return [(whole[lo:hi], n) for (lo, hi), n in zip(ranges, nbytes)]
 
     def span(self, b: str) -> tuple[int, int]:
         return 0, self.numel[b]
