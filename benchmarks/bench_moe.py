@@ -18,7 +18,8 @@ Both variants run in one invocation, in turn, each in its own spawned process, o
 store on NVMe, fp32 compute, checksums off for both unless ``--verify``: range reads are not verified,
 so hashing only the whole records would bias the comparison): ``routed`` and ``all`` (every expert
 streamed). Per variant: the median
-over the timed steps (after ``--warmup``) of NVMe bytes read per step and step time, the bytes read
+over the timed steps (after ``--warmup``) of NVMe bytes read per step and step time (then the median
+over ``--rounds`` rounds that alternate the variants), the bytes read
 per (layer, expert), and the peak RSS of the variant (each runs in a fresh spawned process). Losses must agree
 (checked: routed-only reads change no arithmetic). Prints a table and writes ``--out`` (JSON).
 """
@@ -215,6 +216,7 @@ def main() -> None:
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                     help="offload.verify_checksums for both variants (default off: range reads are never "
                     "verified, and hashing whole records on the IO threads would be a cost only 'all' pays)")
+    ap.add_argument("--rounds", type=int, default=3, help="each round runs every variant once, in turn")
     ap.add_argument("--variants", default="routed,all", help="run order (both are needed for the table)")
     ap.add_argument("--prefetch-depth", type=int, default=1, help="ring = depth + 2 slots: fewer than the layers, "
                     "so every step reads (a ring that holds every layer reads nothing after the first step)")
@@ -244,18 +246,27 @@ def main() -> None:
     ex = layout.blocks["layer.0"].experts
     block_b = layout.blocks["layer.0"].numel * 2
     expert_b = sum(hi - lo for lo, hi in ex.ranges(0)) * 2
+    runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
+    for k in range(args.rounds):  # variants alternate, so load on a shared machine hits both alike
+        for name in runs:
+            routed = {"routed": True, "all": False}[name]
+            log(f"round {k + 1}/{args.rounds}: variant {name}")
+            # One fresh process per variant (spawned), so its peak RSS is its own.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs[name].append(pool.submit(run_variant, name, routed, args, args.model_dir, data, work).result())
     results = {}
-    for name in args.variants.split(","):
-        routed = {"routed": True, "all": False}[name]
-        log(f"variant {name}")
-        # One fresh process per variant (spawned), so its peak RSS is its own.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[name] = pool.submit(run_variant, name, routed, args, args.model_dir, data, work).result()
+    for name, rs in runs.items():
+        results[name] = {**rs[0], "step_s": statistics.median(r["step_s"] for r in rs),
+                         "step_s_rounds": [r["step_s"] for r in rs],
+                         "peak_rss_gib": max(r["peak_rss_gib"] for r in rs),
+                         "losses_same_every_round": all(r["losses"] == rs[0]["losses"] for r in rs)}
     same = results["routed"]["losses"] == results["all"]["losses"]
     r, a = results["routed"], results["all"]
-    rows = [[n, f"{v['bytes_read_per_step'] / 1e6:.1f}", f"{v['step_s']:.2f}", f"{v['peak_rss_gib']:.2f}",
+    rows = [[n, f"{v['bytes_read_per_step'] / 1e6:.1f}", f"{v['step_s']:.2f}",
+             f"{min(v['step_s_rounds']):.2f}-{max(v['step_s_rounds']):.2f}", f"{v['peak_rss_gib']:.2f}",
              str(v["experts_read"])] for n, v in results.items()]
-    print_table(["variant", "NVMe MB read / step", "step s", "peak RSS GiB", "(layer, expert) read"], rows,
+    print_table(["variant", "NVMe MB read / step", "step s (median of rounds)", "rounds min-max", "peak RSS GiB",
+                 "(layer, expert) read"], rows,
                 title=f"MoE LoRA, {args.layers} layers x {args.experts} experts (top-{args.top_k}), hidden "
                       f"{args.hidden}, batch {args.batch}x{args.max_length}; block {block_b / 1e6:.1f} MB, "
                       f"expert {expert_b / 1e6:.2f} MB; losses equal: {same}")
