@@ -172,6 +172,7 @@ class OffloadConfig(_Section):
     io_threads: int = Field(8, gt=0, description="threads issuing NVMe reads and writes")
     io_backend: Literal["threads", "deepspeed_aio", "auto"] = Field("threads", description="NVMe IO engine: threads (preadv/pwritev pool), deepspeed_aio (DeepSpeed's libaio handle; io_threads = its parallelism), auto (deepspeed_aio when its op loads, else threads)")
     verify_checksums: bool = Field(True, description="verify each block record's checksum (xxh3_64, or crc32 without xxhash) on read")
+    routed_experts: bool = Field(False, description="MoE layers (host, nvme): LoRA and evaluation read only the experts the router picks for the micro-batch, after the router has run; range reads are not checksum-verified; ZO still moves every expert")
 
 
 class ParallelConfig(_Section):

@@ -23,6 +23,13 @@ computes, and the base is never written (blocks are released clean).
 The adapters (``ferrytune.lora`` forward hooks) run inside the layer and receive their
 gradients in its backward.
 
+**Routed-only MoE reads** (``offload.routed_experts``, the streamer given ``expert_ranges``): a MoE
+layer's block arrives as its dense part (attention, norms, router); a forward pre-hook on the layer's
+experts module receives the ``top_k_index`` the HF router just computed and asks the streamer for
+those experts (``fetch_experts``) before the experts run, so the unrouted experts' rows of the fused
+tensors are never read. A kept layer's backward fetches the experts its forward routed to (the
+saved weight references point into them); a recomputed layer routes again, identically.
+
 The outer block (embedding, final norm, head) is held from the first forward of
 a step to the end of its last backward: autograd needs the head's weight for the
 backward of the logits.
@@ -92,10 +99,18 @@ class FOEngine:
         self.weight_refs = 0
         self.kept_bytes = 0
         self._held: dict[str, torch.Tensor] = {}  # block -> working copy fetched for a kept backward
+        self._routed: dict[str, set[int]] = {}  # block -> experts routed to since its layer last started
+        self._expert_hooks = []
+        if streamer.expert_ranges:
+            for b, spec in layout.blocks.items():
+                if spec.experts is not None and b in streamer.expert_ranges:
+                    self._expert_hooks.append(spec.experts.module.register_forward_pre_hook(
+                        self._routing_hook(b, spec.experts.num_experts), with_kwargs=True))
 
     # --------------------------------------------------------------- passes
     def begin_step(self, num_micro: int, *, backward: bool = True) -> None:
-        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch))
+        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch),
+                                 routed=bool(self._expert_hooks))
         self._outer = self.streamer.acquire(OUTER)
         _bind_block(self.layout, OUTER, self._outer)
 
@@ -167,6 +182,7 @@ class FOEngine:
         """Acquire the layer's block, bind it, run the layer (inside ``hooks(flat)``, a context)."""
         flat = self.streamer.acquire(unit.block_id)
         _bind_block(self.layout, unit.block_id, flat)
+        self._routed[unit.block_id] = set()
         try:
             self.layer_forwards[unit.block_id] += 1
             if hooks is None:
@@ -184,6 +200,7 @@ class FOEngine:
         self.streamer.release(b, dirty=False)  # the slot serves the next block now
         main, extra = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         state = _KeptState(self, b, h, main)
+        state.routed = self._routed.pop(b, set())
         out_main = _KeptLayer.apply(state, hidden)
         return out_main if extra is None else (out_main, *extra)
 
@@ -218,7 +235,19 @@ class FOEngine:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
+    def _routing_hook(self, block: str, num_experts: int):
+        """A forward pre-hook on ``block``'s experts module: read the experts the router picked."""
+        def hook(module, args, kwargs):
+            top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            ids = {e for e in torch.unique(top_k).tolist() if 0 <= e < num_experts}
+            self._routed.setdefault(block, set()).update(ids)
+            self.streamer.fetch_experts(block, ids)
+        return hook
+
     def close(self) -> None:
+        for h in self._expert_hooks:
+            h.remove()
+        self._expert_hooks = []
         self.interceptor.uninstall()
 
 
@@ -227,6 +256,7 @@ class _KeptState:
 
     def __init__(self, engine: FOEngine, block: str, leaf: torch.Tensor, out: torch.Tensor) -> None:
         self.engine, self.block, self.leaf, self.out = engine, block, leaf, out
+        self.routed: set[int] = set()  # the experts its forward routed to (read again for backward)
 
 
 class _KeptLayer(torch.autograd.Function):
@@ -245,6 +275,7 @@ class _KeptLayer(torch.autograd.Function):
         engine = state.engine
         engine._held[state.block] = engine.streamer.acquire(state.block)
         try:
+            engine.streamer.fetch_experts(state.block, state.routed)
             if state.out.requires_grad:
                 torch.autograd.backward(state.out, grad_out)
         finally:

@@ -83,6 +83,11 @@ def stream_delta(before: dict, after: dict) -> dict:
     for key in ("read_s", "write_s", "stall_s"):
         out[key] = round(after[key] - before[key], 4)
     out["cache_hits"] = after["cache_hits"] - before["cache_hits"]
+    experts = after.get("bytes_by_expert") or {}
+    if experts:  # routed-only MoE reads: bytes per "layer.i/e" this step (experts read at all)
+        prev = before.get("bytes_by_expert") or {}
+        delta = {k: v - prev.get(k, 0) for k, v in experts.items() if v != prev.get(k, 0)}
+        out["expert_bytes_read"] = dict(sorted(delta.items()))
     return out
 
 

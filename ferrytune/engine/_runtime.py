@@ -91,8 +91,15 @@ def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nv
     streamer = build_streamer(plan, {b: s.numel for b, s in layout.blocks.items()}, device=device,
                               compute_dtype=compute, store_dtype=store, nvme_dir=nvme_dir,
                               io_threads=offload.io_threads, verify_checksums=offload.verify_checksums,
-                              io_backend=offload.io_backend, slicing=slicing)
+                              io_backend=offload.io_backend, slicing=slicing,
+                              expert_ranges=expert_ranges(layout) if offload.routed_experts else None)
     return Runtime(layout, plan, streamer, device, compute, store)
+
+
+def expert_ranges(layout: ModelLayout) -> dict[str, tuple[int, list[list[tuple[int, int]]]]]:
+    """Per MoE layer block: its dense part's elements and each expert's element ranges (``ExpertLayout``)."""
+    return {b: (s.experts.dense_numel, [s.experts.ranges(e) for e in range(s.experts.num_experts)])
+            for b, s in layout.blocks.items() if s.experts is not None}
 
 
 def weights_from(folder: str | Path, layout: ModelLayout) -> Callable[[str, torch.Tensor], None]:

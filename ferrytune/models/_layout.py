@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 OUTER = "outer"
 _ALIGN_ELEMS = 64  # param offsets inside a block are 256-byte aligned for fp32
+EXPERT_ALIGN_ELEMS = 2048  # a fused expert tensor starts 4 KiB-aligned (bf16; 8 KiB fp32): O_DIRECT reads of one expert
 
 
 @dataclass
@@ -58,10 +59,31 @@ class Unit:
 
 
 @dataclass
+class ExpertLayout:
+    """Where a MoE layer's experts lie in its block: the dense part (attention, norms, router, shared
+    experts) is ``[0, dense_numel)``; each fused expert tensor ``[E, ...]`` follows, contiguous, starting
+    at a multiple of ``EXPERT_ALIGN_ELEMS``, so expert ``e``'s slice ``t[e]`` is one contiguous range of it."""
+
+    module: nn.Module  # the experts module (its forward receives the routed ``top_k_index``)
+    num_experts: int
+    dense_numel: int
+    fused: list[ParamSpec]
+
+    def ranges(self, e: int) -> list[tuple[int, int]]:
+        """Element ranges ``[lo, hi)`` of the block holding expert ``e`` (one per fused tensor)."""
+        out = []
+        for p in self.fused:
+            per = p.numel // self.num_experts
+            out.append((p.offset + e * per, p.offset + (e + 1) * per))
+        return out
+
+
+@dataclass
 class BlockSpec:
     block_id: str
     params: list[ParamSpec]
     numel: int  # padded flat length
+    experts: ExpertLayout | None = None  # MoE layers: the experts' ranges
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return self.numel * torch.empty((), dtype=dtype).element_size()
@@ -178,11 +200,24 @@ def build_layout(model: nn.Module, config, *, checkpoint_dtype: torch.dtype = to
     blocks: dict[str, BlockSpec] = {}
     for bid, plist in block_params.items():
         plist.sort(key=lambda s: s.param_id)
+        found = _experts_of(layers[int(bid.split(".")[1])]) if bid != OUTER else None
+        fused_ids = {id(p) for p in found[0]._parameters.values() if p is not None} if found else set()
+        fused = [specs[k] for k in sorted(fused_ids, key=lambda k: specs[k].param_id)]
+        dense = [s for s in plist if all(s is not f for f in fused)]
         off = 0
-        for s in plist:
+        for s in dense:  # the dense part first, in parameter order
             s.offset = off
             off += -(-s.numel // _ALIGN_ELEMS) * _ALIGN_ELEMS
-        blocks[bid] = BlockSpec(bid, plist, max(off, _ALIGN_ELEMS))
+        experts = None
+        if fused:
+            dense_numel = off
+            for s in fused:  # then each fused expert tensor, 4 KiB-aligned: one expert is a contiguous sub-range
+                off = -(-off // EXPERT_ALIGN_ELEMS) * EXPERT_ALIGN_ELEMS
+                s.offset = off
+                off += s.numel
+            off = -(-off // _ALIGN_ELEMS) * _ALIGN_ELEMS
+            experts = ExpertLayout(found[0], found[1], dense_numel, fused)
+        blocks[bid] = BlockSpec(bid, dense + fused, max(off, _ALIGN_ELEMS), experts)
 
     units: list[Unit] = []
     for name, mod in model.named_modules():
@@ -198,6 +233,18 @@ def build_layout(model: nn.Module, config, *, checkpoint_dtype: torch.dtype = to
                  len(layers), layers_name, len(units) - len(layers), len(params))
     return ModelLayout(model=model, config=config, units=units, blocks=blocks, layer_blocks=layer_blocks,
                        params=params, checkpoint_dtype=checkpoint_dtype)
+
+
+def _experts_of(layer: nn.Module) -> tuple[nn.Module, int] | None:
+    """A layer's fused experts module (transformers 5: ``mlp.experts`` of Mixtral, Qwen3-MoE, ...): a module
+    named ``experts`` with an integer ``num_experts`` whose own parameters are all ``[num_experts, ...]``."""
+    for name, mod in layer.named_modules():
+        n = getattr(mod, "num_experts", None)
+        own = [p for p in mod._parameters.values() if p is not None]
+        if (name.rsplit(".", 1)[-1] == "experts" and isinstance(n, int) and n > 1 and own
+                and all(p.dim() >= 2 and p.shape[0] == n for p in own)):
+            return mod, n
+    return None
 
 
 def load_layout(path: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelLayout:

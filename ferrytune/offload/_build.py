@@ -31,9 +31,11 @@ class Slicing(Protocol):
 def build_streamer(plan: Plan, block_numel: dict[str, int], *, device: torch.device | str,
                    compute_dtype: torch.dtype, store_dtype: torch.dtype, nvme_dir: str | Path | None = None,
                    io_threads: int = 8, verify_checksums: bool = True, io_backend: str = "threads",
-                   slicing: Slicing | None = None) -> BlockStreamer:
+                   slicing: Slicing | None = None,
+                   expert_ranges: dict[str, tuple[int, list[list[tuple[int, int]]]]] | None = None) -> BlockStreamer:
     """An unopened streamer for ``plan``: device masters on the device, host masters in one arena,
-    NVMe masters in a block store in ``nvme_dir``; ``slicing`` wraps the host and NVMe homes."""
+    NVMe masters in a block store in ``nvme_dir``; ``slicing`` wraps the host and NVMe homes.
+    ``expert_ranges``: MoE layers' dense part and experts' ranges, for routed-only reads (not when sliced)."""
     device = torch.device(device)
     # On a CPU device the host arena is compute memory: its masters serve in place, as device masters do
     # (not when sliced: a slice must be gathered into a whole block first).
@@ -66,4 +68,5 @@ def build_streamer(plan: Plan, block_numel: dict[str, int], *, device: torch.dev
 
     return BlockStreamer(plan, block_numel, device=device, compute_dtype=compute_dtype, store_dtype=store_dtype,
                          make_homes=make_homes, num_loaders=slicing.num_loaders if slicing else 2,
-                         nvme_dir=nvme_dir, in_place_tiers=in_place)
+                         nvme_dir=nvme_dir, in_place_tiers=in_place,
+                         expert_ranges=None if slicing else expert_ranges)

@@ -18,7 +18,15 @@ place a state changes)::
 Which slot serves a block is a pure function of main-thread state (``choose_slot``): the slot
 that holds the block's clean contents, else the least recently released unclaimed one. So the
 same pass takes the same slots on every rank and run, whatever the IO timing (sliced loading
-needs that: its loads are collective). Every wait of the compute thread is timed and counted
+needs that: its loads are collective).
+
+**Routed-only MoE reads** (``expert_ranges``; a pass started with ``routed=True``): a MoE layer's
+block is loaded as its dense part only (attention, norms, router), and ``fetch_experts(b, ids)``
+reads the routed experts' ranges into the slot when the router has run: synchronously, with all of
+the layer's missing ranges in flight at once. A slot remembers which experts it holds (``Slot.experts``; ``None``: the whole block), so a slot shared at
+LoRA's forward/backward turn or served again reads no expert twice; a pass that is not routed never
+serves a partly filled slot. Bytes are counted per (block, expert) (``StreamStats.expert_bytes``).
+Every wait of the compute thread is timed and counted
 (``stall_s``), so a step that is IO bound shows it in the metrics.
 """
 
@@ -39,7 +47,7 @@ import torch
 
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._copy import Copier
-from ferrytune.offload._home import Home, esize, read_into, read_master, write_from
+from ferrytune.offload._home import Home, esize, read_into, read_master, read_range_into, read_ranges_into, write_from
 from ferrytune.offload._plan import Plan, Tier
 from ferrytune.offload._pool import HostBufferPool
 
@@ -81,6 +89,7 @@ class StreamStats:
     num_stalls: int = 0
     num_loads: int = 0
     cache_hits: int = 0
+    expert_bytes: dict[str, int] = field(default_factory=dict)  # "layer.3/5": bytes read for expert 5 of layer.3
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # Loads and writes run on several threads: counting goes through these (a bare ``+=`` on
@@ -96,6 +105,13 @@ class StreamStats:
             self.bytes_written[tier] += nbytes
             self.write_s += seconds
 
+    def count_expert_read(self, tier: str, block: str, expert: int, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.bytes_read[tier] += nbytes
+            self.read_s += seconds
+            key = f"{block}/{expert}"
+            self.expert_bytes[key] = self.expert_bytes.get(key, 0) + nbytes
+
     def count_stall(self, seconds: float) -> None:
         with self._lock:
             self.stall_s += seconds
@@ -104,7 +120,8 @@ class StreamStats:
     def snapshot(self) -> dict:
         return {"bytes_read": dict(self.bytes_read), "bytes_written": dict(self.bytes_written),
                 "read_s": self.read_s, "write_s": self.write_s, "stall_s": self.stall_s,
-                "num_stalls": self.num_stalls, "num_loads": self.num_loads, "cache_hits": self.cache_hits}
+                "num_stalls": self.num_stalls, "num_loads": self.num_loads, "cache_hits": self.cache_hits,
+                "bytes_by_expert": dict(self.expert_bytes)}
 
 
 @dataclass
@@ -120,6 +137,7 @@ class Slot:
     written: Future | None = None  # the write-back in flight
     freed_ev: Any = None  # CUDA: the compute stream's event at its last release
     loaded_ev: Any = None  # CUDA: the copy stream's event of its last load
+    experts: set[int] | None = None  # routed-only: the experts its working copy holds (None: all of it)
 
 
 def _move(slot: Slot, new: SlotState) -> None:
@@ -158,11 +176,14 @@ class BlockStreamer:
     def __init__(self, plan: Plan, block_numel: dict[str, int], *, device: torch.device,
                  compute_dtype: torch.dtype, store_dtype: torch.dtype,
                  make_homes: Callable[[Copier], dict[Tier, Home]], num_loaders: int = 2,
-                 nvme_dir: str | Path | None = None, in_place_tiers: frozenset[Tier] = frozenset({Tier.DEVICE})) -> None:
+                 nvme_dir: str | Path | None = None, in_place_tiers: frozenset[Tier] = frozenset({Tier.DEVICE}),
+                 expert_ranges: dict[str, tuple[int, list[list[tuple[int, int]]]]] | None = None) -> None:
         """``make_homes(copier)`` builds the homes at ``open`` (they allocate). ``num_loaders``:
         two let one block's O_DIRECT read overlap the previous block's cast; collective homes need one.
         ``in_place_tiers``: tiers whose masters, in the compute dtype, are the working copies themselves
-        (the device; and the host arena when the device is the CPU)."""
+        (the device; and the host arena when the device is the CPU).
+        ``expert_ranges``: per MoE layer block, ``(dense_numel, ranges)`` with ``ranges[e]`` the element
+        ranges of expert ``e``; given, passes started with ``routed=True`` read only the routed experts."""
         self.plan = plan
         self.numel = dict(block_numel)
         self.device = torch.device(device)
@@ -173,6 +194,8 @@ class BlockStreamer:
         self.in_place_tiers = frozenset(in_place_tiers)
         self._make_homes = make_homes
         self._num_loaders = num_loaders
+        self.expert_ranges = dict(expert_ranges or {})
+        self._routed_pass = False
         self._opened = False
 
     # ------------------------------------------------------------------ setup
@@ -244,10 +267,22 @@ class BlockStreamer:
         return Slot(index, working, staging)
 
     # ------------------------------------------------------------------ passes
-    def start_pass(self, order: list[str]) -> None:
-        """Declare the visiting order of the next pass and start prefetching."""
+    @property
+    def routed_experts(self) -> bool:
+        """Whether routed passes read MoE layers' experts on demand (``fetch_experts``)."""
+        return bool(self.expert_ranges) and self._opened and not self.sliced
+
+    def start_pass(self, order: list[str], *, routed: bool = False) -> None:
+        """Declare the visiting order of the next pass and start prefetching. ``routed``: MoE layers
+        are loaded as their dense part, and their experts come with ``fetch_experts``."""
         if not self._opened:
             raise StreamerError("streamer: open() it first")
+        self._routed_pass = routed and self.routed_experts
+        if not self._routed_pass:
+            with self._lock:
+                for slot in self._all_slots():
+                    if slot.experts is not None:  # partly filled: a whole-block pass must load it again
+                        slot.holds, slot.experts = None, None
         self._order = list(order)
         self._pos = 0
         self._futures = {}
@@ -286,17 +321,24 @@ class BlockStreamer:
             _move(slot, SlotState.LOADING)
             slot.holds = b
             slot.refs = 1
-            slot.ready = self._ferry.submit(self._load, b, slot, wait_for, slot.freed_ev)
+            partial = self._routed_pass and b in self.expert_ranges and hasattr(self._homes[self.plan.home[b]],
+                                                                               "source_range")
+            slot.experts = set() if partial else None
+            slot.ready = self._ferry.submit(self._load, b, slot, wait_for, slot.freed_ev, partial)
             return slot, slot.ready
 
-    def _load(self, b: str, slot: Slot, wait_for: list[Future], freed_ev) -> None:
+    def _load(self, b: str, slot: Slot, wait_for: list[Future], freed_ev, partial: bool = False) -> None:
         for f in wait_for:
             f.result()
         t0 = time.perf_counter()
         tier = self.plan.home[b]
         copier = self._copier
         copier.after(freed_ev)  # the compute that last read this slot comes first
-        nbytes = read_into(self._homes[tier], b, slot.working[: self.numel[b]], slot.staging, copier)
+        work = slot.working[: self.numel[b]]
+        if partial:  # the dense part only: the experts come with fetch_experts
+            nbytes = read_range_into(self._homes[tier], b, work, 0, self.expert_ranges[b][0], slot.staging, copier)
+        else:
+            nbytes = read_into(self._homes[tier], b, work, slot.staging, copier)
         ev = copier.loaded()
         copier.settle(ev)  # the transfer itself is timed, and the staging buffer is free again
         slot.loaded_ev = ev
@@ -324,6 +366,31 @@ class BlockStreamer:
         self._in_use.setdefault(b, []).append(slot)
         return slot.working[: self.numel[b]]
 
+    def fetch_experts(self, b: str, experts) -> int:
+        """Read the experts ``experts`` of block ``b`` (acquired, in a routed pass) that its slot does not
+        hold yet; synchronous, on the calling thread. Returns the bytes read (0: nothing was missing)."""
+        slots = self._in_use.get(b)
+        if not slots or slots[-1].experts is None:
+            return 0  # a whole block (or a resident master): every expert is there
+        slot = slots[-1]
+        tier = self.plan.home[b]
+        home, copier = self._homes[tier], self._copier
+        missing = sorted({int(e) for e in experts} - slot.experts)
+        if not missing:
+            return 0
+        t0 = time.perf_counter()
+        owner = [e for e in missing for _ in self.expert_ranges[b][1][e]]
+        ranges = [r for e in missing for r in self.expert_ranges[b][1][e]]
+        nbytes = read_ranges_into(home, b, slot.working[: self.numel[b]], ranges, slot.staging, copier)
+        ev = copier.loaded()
+        copier.settle(ev)
+        copier.use(ev)
+        seconds = (time.perf_counter() - t0) / len(missing)
+        for e in missing:
+            slot.experts.add(e)
+            self.stats.count_expert_read(tier.value, b, e, sum(n for o, n in zip(owner, nbytes) if o == e), seconds)
+        return sum(nbytes)
+
     def release(self, b: str, *, dirty: bool) -> None:
         """Hand block ``b`` back; a dirty block is written to its home in the background."""
         slots = self._in_use.get(b)
@@ -344,6 +411,8 @@ class BlockStreamer:
                 return
             if slot.refs != 0:
                 raise StreamerError(f"streamer: a dirty block ({b}) must not be shared")
+            if slot.experts is not None:
+                raise StreamerError(f"streamer: block {b} holds only its routed experts; it cannot be written back")
             _move(slot, SlotState.WRITING)
             slot.holds = None  # its compute-dtype contents differ from the rounded master: never reuse
             fut = self._writer.submit(self._write_back, b, slot, freed)
@@ -410,7 +479,7 @@ class BlockStreamer:
             for s in self._all_slots():
                 if s.state != SlotState.FREE:
                     _move(s, SlotState.FREE)
-                s.refs, s.holds, s.written, s.ready = 0, None, None, None
+                s.refs, s.holds, s.written, s.ready, s.experts = 0, None, None, None, None
             self._pending_write.clear()
             self._failed_writes.clear()  # logged above; the error being unwound is the one to report
         self._futures.clear()

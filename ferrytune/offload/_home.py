@@ -9,6 +9,8 @@ a home can wrap another (sliced loading wraps the host and NVMe homes: ``paralle
 * ``span(b)`` — the ``(lo, hi)`` elements of the block this home keeps (the whole block, or this
   rank's slice); ``target(b, staging)`` — where those elements' new bytes go, then ``commit(b, staging)``
   makes them durable (NVMe: writes the record);
+* ``source_range(b, lo, hi, staging)`` (optional: NVMe and host homes) — elements ``[lo, hi)`` of the
+  master and the tier's bytes for them (MoE routed-only reads: one expert's ranges, or the dense part);
 * ``nbytes(b)`` — bytes the tier moves per read or write of ``b``; ``collective`` — whether ``source``
   is a collective call; ``host_bytes`` — host memory held; ``close()`` — release it all (idempotent).
 
@@ -51,6 +53,25 @@ def read_into(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copi
     with copier.loading():  # a gather runs on the copy stream too
         copier.copy_in(work, home.source(b, staging))
     return home.nbytes(b)
+
+
+def read_range_into(home: Home, b: str, work: torch.Tensor, lo: int, hi: int, staging: Any, copier: Copier) -> int:
+    """Elements ``[lo, hi)`` of the working copy from the master (``work`` is the whole block); returns bytes."""
+    src, nbytes = home.source_range(b, lo, hi, staging)
+    with copier.loading():
+        copier.copy_in(work[lo:hi], src)
+    return nbytes
+
+
+def read_ranges_into(home: Home, b: str, work: torch.Tensor, ranges: list[tuple[int, int]], staging: Any,
+                     copier: Copier) -> list[int]:
+    """``read_range_into`` of several ranges (an NVMe home reads them at once); bytes per range."""
+    many = getattr(home, "source_ranges", None)
+    srcs = many(b, ranges, staging) if many else [home.source_range(b, lo, hi, staging) for lo, hi in ranges]
+    with copier.loading():
+        for (lo, hi), (src, _) in zip(ranges, srcs):
+            copier.copy_in(work[lo:hi], src)
+    return [n for _, n in srcs]
 
 
 def write_from(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:

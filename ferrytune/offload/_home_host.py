@@ -45,6 +45,10 @@ class HostArenaHome:
     def source(self, b: str, staging: Any = None) -> torch.Tensor:
         return self._masters[b]
 
+    def source_range(self, b: str, lo: int, hi: int, staging: Any = None) -> tuple[torch.Tensor, int]:
+        """Elements ``[lo, hi)`` of the master and the bytes they take."""
+        return self._masters[b][lo:hi], (hi - lo) * self._es
+
     def resident(self, b: str) -> torch.Tensor:
         """The master as the working copy (the streamer asks only when the device is the CPU and the
         store dtype is the compute dtype: then a copy into a slot would be a plain memcpy)."""

@@ -15,6 +15,7 @@ import torch
 from ferrytune.errors import FerrytuneError
 from ferrytune.offload._home import esize
 from ferrytune.offload._backends import make_io_backend
+from ferrytune.offload._io import PAGE_BYTES
 from ferrytune.offload._plan import Tier
 from ferrytune.offload._store import NvmeBlockStore
 
@@ -47,6 +48,23 @@ class NvmeHome:
     def source(self, b: str, staging: Any) -> torch.Tensor:
         self.store.read(b, staging)  # verifies the record's checksum
         return self.target(b, staging)
+
+    def source_range(self, b: str, lo: int, hi: int, staging: Any) -> tuple[torch.Tensor, int]:
+        """Elements ``[lo, hi)`` of the master (store dtype) and the bytes read for them: the page-aligned
+        byte range that covers them, read into the same bytes of ``staging`` (not verified: a part)."""
+        return self.source_ranges(b, [(lo, hi)], staging)[0]
+
+    def source_ranges(self, b: str, ranges: list[tuple[int, int]], staging: Any) -> list[tuple[torch.Tensor, int]]:
+        """``source_range`` of several ranges, their reads in flight at once."""
+        padded = self.store.record(b).padded_bytes
+        futs = []
+        for lo, hi in ranges:
+            lo_b = lo * self._es // PAGE_BYTES * PAGE_BYTES
+            hi_b = min(-(-hi * self._es // PAGE_BYTES) * PAGE_BYTES, padded)
+            futs.append(self.store.submit_read_range(b, staging, lo_b, hi_b))
+        nbytes = [f.result() for f in futs]
+        whole = self.target(b, staging)
+        return [(whole[lo:hi], n) for (lo, hi), n in zip(ranges, nbytes)]
 
     def span(self, b: str) -> tuple[int, int]:
         return 0, self.numel[b]

@@ -1,0 +1,274 @@
+"""Routed-only MoE streaming (``offload.routed_experts``): on the NVMe tier a MoE layer's block is read
+as its dense part, and only the experts the router picks are read after the router has run.
+
+Tiny Mixtral and Qwen3-MoE (8 experts, top-2, 4 layers, hidden 32), saved by ``save_pretrained``.
+Routing is made concentrated: every token carries a large constant feature (embedding column 0), and
+the routers weigh it +1 for experts 0-3 and -1 for experts 4-7, so experts 4-7 are never routed to and
+routed-only reads are strictly fewer than whole blocks. The per-expert slices of the test's shapes are
+multiples of 4 KiB, so the expected bytes are exact sums of the layout's ranges (no rounding).
+
+* evaluation-style forward on a freshly opened streamer: bytes read = the outer block + per layer its
+  dense part (rounded up to a page) + the records of the experts a plain resident transformers forward
+  routes to; per-(layer, expert) counters hold exactly those experts; logits = resident, bit for bit;
+* LoRA training (kept activations, and recomputed ones with dropout): losses and adapter = resident, bit
+  for bit; per step, ``expert_bytes_read`` in ``metrics.jsonl`` names only experts the resident run
+  routed to in that step (recorded by hooks on its experts modules) — in step 0, whose slots start
+  empty, exactly those, once per load of their layer — each a whole number of times its record, and
+  the NVMe bytes = those expert bytes + the dense parts of the loads a whole-block run of the same
+  config makes (the slot choices are the same) + the outer block.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ferrytune.engine import LoraTrainer
+from ferrytune.models import OUTER, load_layout, load_resident_model
+from ferrytune.offload import PAGE_BYTES
+
+LAYERS, H = 4, 32
+LORA = {"rank": 2, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear"}
+ROUTED = (0, 1, 2, 3)  # the experts the routers can pick (see the module doc)
+
+
+def _moe_kwargs(arch: str) -> dict:
+    base = dict(hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128)
+    if arch == "mixtral":  # per expert: gate_up 2*64*32 fp32 = 16 KiB, down 32*64 = 8 KiB
+        return {**base, "intermediate_size": 64, "num_local_experts": 8, "num_experts_per_tok": 2}
+    return {**base, "intermediate_size": 64, "head_dim": 8, "num_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def build_moe(dest: Path, arch: str, tokenizer_dir: str) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (dest / "config.json").exists():
+        return str(dest)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **_moe_kwargs(arch))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.model.embed_tokens.weight[:, 0] = 3.0  # a large constant feature in every token
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[: len(ROUTED), 0] = 1.0
+            w[len(ROUTED):, 0] = -1.0
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copyfile(f, dest / f.name)
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    from ferrytune.launch._demo import build_tiny_model
+
+    root = tmp_path_factory.mktemp("moe")
+    tok = str(build_tiny_model(root / "tok", arch="llama", layers=1, hidden=16))
+    return lambda arch: build_moe(root / arch, arch, tok)
+
+
+def _experts_modules(layout):
+    return {b: s.experts.module for b, s in layout.blocks.items() if s.experts is not None}
+
+
+def _record_routing(modules: dict) -> tuple[dict, list]:
+    """Forward pre-hooks that collect, per block, the experts each call routes to (``top_k_index``)."""
+    seen: dict[str, set[int]] = {b: set() for b in modules}
+    handles = []
+    for b, mod in modules.items():
+        def hook(module, args, kwargs, b=b):
+            seen[b].update(torch.unique(args[1] if len(args) > 1 else kwargs["top_k_index"]).tolist())
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+def _sizes(layout, es: int) -> tuple[int, dict[str, int], list[int]]:
+    """(outer bytes, dense bytes per layer block as read, bytes of each expert's record)."""
+    outer = layout.blocks[OUTER].numel * es
+    dense, expert = {}, None
+    for b in layout.layer_blocks:
+        ex = layout.blocks[b].experts
+        assert ex is not None and ex.num_experts == 8
+        dense[b] = -(-ex.dense_numel * es // PAGE_BYTES) * PAGE_BYTES
+        per = []
+        for e in range(8):
+            rs = ex.ranges(e)
+            assert all(lo * es % PAGE_BYTES == 0 and hi * es % PAGE_BYTES == 0 for lo, hi in rs)  # exact, unrounded
+            per.append(sum((hi - lo) * es for lo, hi in rs))
+        expert = per
+    return outer, dense, expert
+
+
+def _ids():
+    ids = torch.randint(4, 200, (3, 11), generator=torch.Generator().manual_seed(1))
+    return ids, torch.ones_like(ids)
+
+
+def _eval_logits(cfg):
+    tr = LoraTrainer(cfg)
+    tr.setup()
+    try:
+        ids, mask = _ids()
+        st = tr.rt.streamer
+        before = st.stats.snapshot()
+        with torch.no_grad():
+            tr.engine.begin_step(1, backward=False)
+            logits = tr.engine.forward(ids, mask, torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+            tr.engine.end_step()
+        after = st.stats.snapshot()
+        read = {t: after["bytes_read"][t] - before["bytes_read"][t] for t in after["bytes_read"]}
+        by_expert = {k: v - before["bytes_by_expert"].get(k, 0) for k, v in after["bytes_by_expert"].items()}
+        return logits, read, {k: v for k, v in by_expert.items() if v}
+    finally:
+        tr.close()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_eval_forward_reads_only_routed_experts(moe_path, cfg_factory, arch):
+    path = moe_path(arch)
+    layout = load_layout(path)
+    # The routed sets of a plain resident transformers forward.
+    plain = load_resident_model(path).eval()
+    mods = {f"layer.{i}": layer.mlp.experts for i, layer in enumerate(plain.model.layers)}
+    routed, handles = _record_routing(mods)
+    ids, mask = _ids()
+    with torch.no_grad():
+        plain(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    assert all(routed[b] and routed[b] <= set(ROUTED) for b in routed)  # concentrated: experts 4-7 unrouted
+
+    sections = dict(method="lora", lora=LORA, data={"eval": None})
+    resident, _, _ = _eval_logits(cfg_factory(path, offload={"tier": "resident"}, **sections))
+    whole, read_whole, _ = _eval_logits(cfg_factory(path, offload={"tier": "nvme", "prefetch_depth": 1}, **sections))
+    logits, read, by_expert = _eval_logits(cfg_factory(path, offload={"tier": "nvme", "prefetch_depth": 1,
+                                                                      "routed_experts": True}, **sections))
+    assert torch.equal(logits, resident) and torch.equal(whole, resident)
+
+    outer, dense, expert = _sizes(layout, 4)
+    assert by_expert == {f"{b}/{e}": expert[e] for b in layout.layer_blocks for e in routed[b]}
+    expected = outer + sum(dense[b] + sum(expert[e] for e in routed[b]) for b in layout.layer_blocks)
+    assert read["nvme"] == expected
+    assert read_whole["nvme"] == outer + sum(layout.blocks[b].numel * 4 for b in layout.layer_blocks)
+    assert read["nvme"] < read_whole["nvme"]
+
+
+def _train(cfg, record: bool = False):
+    tr = LoraTrainer(cfg)
+    tr.setup()
+    handles, steps = [], []
+    try:
+        if record:  # per step, the experts each layer routes to (the engine runs one forward per layer)
+            mods = _experts_modules(tr.rt.layout)
+            for b, mod in mods.items():
+                def hook(module, args, kwargs, b=b):
+                    if b == "layer.0":  # one micro-batch per step: layer.0 starts a step's forward
+                        steps.append({})
+                    steps[-1].setdefault(b, set()).update(torch.unique(args[1]).tolist())
+                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        tr.train(progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+        tr.close()
+    recs = [json.loads(ln) for ln in open(f"{cfg.output_dir}/metrics.jsonl")]
+    recs = [r for r in recs if "loss" in r]
+    adapter = load_file(f"{cfg.output_dir}/final/adapter_model.safetensors")
+    return recs, adapter, steps
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_lora_routed_reads_and_equals_resident(moe_path, cfg_factory, arch):
+    path = moe_path(arch)
+    sections = dict(method="lora", lora=LORA, data={"eval": None, "max_length": 16},
+                    train={"steps": 3, "batch_size": 2, "seed": 3, "lr": 5e-2})
+    ref, ref_adapter, routed = _train(cfg_factory(path, offload={"tier": "resident"}, **sections), record=True)
+    whole, _, _ = _train(cfg_factory(path, offload={"tier": "nvme", "prefetch_depth": 1}, **sections))
+    got, adapter, _ = _train(cfg_factory(path, offload={"tier": "nvme", "prefetch_depth": 1, "routed_experts": True},
+                                         **sections))
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref] == [r["loss"] for r in whole]
+    assert adapter.keys() == ref_adapter.keys() and all(torch.equal(adapter[k], ref_adapter[k]) for k in adapter)
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+    layout = load_layout(path)
+    outer, dense, expert = _sizes(layout, 4)
+    block = layout.blocks["layer.0"].numel * 4
+    assert len(routed) == len(got) == 3
+    for i, (step, rec, full) in enumerate(zip(routed, got, whole)):
+        assert all(step[b] <= set(ROUTED) for b in step)
+        by_expert = rec["expert_bytes_read"]
+        keys = {f"{b}/{e}" for b in step for e in step[b]}
+        # Never an expert this step does not route to. Step 0 starts with empty slots: every routed
+        # expert is read; later steps find some in slots kept from the step before (no IO).
+        assert set(by_expert) == keys if i == 0 else set(by_expert) <= keys
+        loads = {}
+        for key, n in by_expert.items():  # whole records only
+            b, e = key.split("/")
+            assert n % expert[int(e)] == 0 and n > 0
+            loads.setdefault(b, set()).add(n // expert[int(e)])
+        # A whole-block run makes the same slot choices: its bytes give the step's loads (the outer
+        # block is read again only where its slot does not still hold it).
+        n = full["bytes_read_nvme"]
+        fits = [o for o in (0, outer) if n >= o and (n - o) % block == 0]
+        assert len(fits) == 1 and (i > 0 or fits == [outer])
+        outer_read = fits[0]
+        layer_loads = (n - outer_read) // block
+        if i == 0:  # each routed expert read once per load of its layer
+            assert all(len(v) == 1 for v in loads.values())
+            assert sum(next(iter(v)) for v in loads.values()) == layer_loads
+        assert rec["bytes_read_nvme"] == outer_read + layer_loads * dense["layer.0"] + sum(by_expert.values())
+        assert rec["bytes_read_nvme"] < full["bytes_read_nvme"]
+
+
+@pytest.mark.parametrize("arch", ["mixtral"])
+def test_lora_routed_recompute_and_micro_batches_equal_resident(moe_path, cfg_factory, arch):
+    """Recomputed layers (activation budget 0) route again in backward; two micro-batches route
+    differently; dropout on: the adapter is the resident one, bit for bit."""
+    path = moe_path(arch)
+    sections = dict(method="lora", lora={**LORA, "dropout": 0.1}, data={"eval": None, "max_length": 16},
+                    train={"steps": 2, "batch_size": 4, "micro_batch_size": 2, "seed": 5, "lr": 5e-2})
+    ref, ref_adapter, _ = _train(cfg_factory(path, offload={"tier": "resident"}, **sections))
+    for extra in ({"activation_budget_gib": 0}, {}):
+        got, adapter, _ = _train(cfg_factory(path, offload={"tier": "nvme", "prefetch_depth": 1,
+                                                            "routed_experts": True, **extra}, **sections))
+        assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+        assert all(torch.equal(adapter[k], ref_adapter[k]) for k in adapter)
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_eval_bf16_store_routed_equals_whole_blocks(moe_path, cfg_factory, tier):
+    """A bf16 store goes through slots on both tiers (the cast path, staging != working copy): routed-only
+    reads give the whole-block logits bit for bit and read the dense part plus the routed experts only."""
+    path = moe_path("mixtral")
+    sections = dict(method="lora", lora=LORA, data={"eval": None}, model={"store_dtype": "bfloat16"})
+    whole, read_whole, none = _eval_logits(cfg_factory(path, offload={"tier": tier, "prefetch_depth": 1}, **sections))
+    logits, read, by_expert = _eval_logits(cfg_factory(path, offload={"tier": tier, "prefetch_depth": 1,
+                                                                      "routed_experts": True}, **sections))
+    assert torch.equal(logits, whole) and not none
+    layout = load_layout(path)
+    outer, _, expert = _sizes(layout, 2)
+    routed = {}
+    for key in by_expert:
+        b, e = key.split("/")
+        routed.setdefault(b, set()).add(int(e))
+        assert by_expert[key] == expert[int(e)]
+    assert set(routed) == set(layout.layer_blocks) and all(r <= set(ROUTED) for r in routed.values())
+    dense = {b: layout.blocks[b].experts.dense_numel * 2 for b in layout.layer_blocks}
+    if tier == "nvme":
+        dense = {b: -(-n // PAGE_BYTES) * PAGE_BYTES for b, n in dense.items()}
+    assert read[tier] == outer + sum(dense.values()) + sum(by_expert.values())
+    assert read[tier] < read_whole[tier]
