@@ -11,7 +11,7 @@ sequences end to end in a row, ``position_ids`` restarting at 0 per sequence.
 from pathlib import Path
 
 from ferrytune.data._batch import (Batch, PackedBatch, collate, collate_packed, correct_per_sample, gather_packed,
-                                   gather_positions, loss_per_sample, pad_positions)
+                                   gather_positions, join_packed, loss_per_sample, pad_positions)
 from ferrytune.data._batcher import Batcher, eval_batches, shard
 from ferrytune.data._encode import Example, encode, load_examples, load_tokenizer, pad_id_for, verbalizer_token_ids
 from ferrytune.data._jsonl import ClassificationRow, CompletionRow, Dataset, JsonlChecker, load_jsonl
@@ -45,6 +45,7 @@ __all__ = [
     "eval_batches",
     "gather_packed",
     "gather_positions",
+    "join_packed",
     "load_examples",
     "load_jsonl",
     "load_tokenizer",

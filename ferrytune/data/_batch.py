@@ -240,3 +240,22 @@ def collate_packed(examples: list[Example], *, pad_id: int, capacity: int | None
 def gather_packed(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``x.flatten(0, 1)[positions]``: (R, T, D) and (S, L) flat positions -> (S, L, D)."""
     return x.reshape(-1, x.shape[-1])[positions]
+
+
+def join_packed(batches: list[PackedBatch]) -> tuple[torch.Tensor, torch.Tensor, list[PackedBatch]]:
+    """One row of several single-row packed batches end to end (jobs of other formats, each its own loss).
+
+    Returns the joined ``(1, N)`` input ids and position ids, and each batch with its
+    ``loss_positions`` and ``spans`` shifted to where its tokens now sit (its own ids unchanged).
+    """
+    if not batches or any(b.input_ids.shape[0] != 1 for b in batches):
+        raise ValueError("join_packed needs single-row packed batches")
+    out, offset = [], 0
+    for b in batches:
+        shifted = b.loss_positions + offset * (b.loss_mask > 0).long()  # padded positions stay at 0
+        out.append(PackedBatch(b.input_ids, b.position_ids, shifted, b.loss_targets, b.loss_mask,
+                               tuple((s + offset, e + offset) for s, e in b.spans), b.labels, b.class_token_ids))
+        offset += b.input_ids.shape[1]
+    ids = torch.cat([b.input_ids for b in batches], dim=1)
+    pos = torch.cat([b.position_ids for b in batches], dim=1)
+    return ids, pos, out

@@ -51,6 +51,22 @@ def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,
     return [OUTER] + (layers + again) * num_micro
 
 
+PACKING_MODEL_TYPES = ("llama", "qwen2")
+"""Model types whose packed-sequence attention (position ids restarting, no mask) the tests check
+isolates sequences (tests/engine/test_packing.py); others may build their mask another way."""
+
+
+def check_packing_supported(model: Any, key: str = "data.packing") -> None:
+    """ConfigError (one line) unless ``model``'s attention is known to honour packed position ids."""
+    from ferrytune.errors import ConfigError
+
+    cfg = model.config
+    kind = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "model_type", None)
+    if kind not in PACKING_MODEL_TYPES:
+        raise ConfigError(f"{key}: packing is checked for model types {', '.join(PACKING_MODEL_TYPES)} only "
+                          f"(this model is {kind!r}); set it to false")
+
+
 class WeightRef(NamedTuple):
     """A saved tensor that aliased a block's working buffer: unpacked from the copy fetched for backward."""
 
