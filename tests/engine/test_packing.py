@@ -211,3 +211,24 @@ def test_data_packing_bad_config_is_one_line(tiny_models, cfg_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
     with pytest.raises(ConfigError, match=r"data.packing: packing is checked for model types llama, qwen2 only \(this model is 'gpt2'\)"):
         check_packing_supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+
+
+def test_activation_estimate_of_a_packed_micro_batch(tiny_models, cfg_factory):
+    """With data.packing the planner sizes one row of micro_batch_size x max_length tokens: the
+    same bytes per token, but eager attention's T x T probabilities grow with the whole row."""
+    from ferrytune.engine._activations import lora_activation_estimate
+    from ferrytune.models import load_layout
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    layout = load_layout(path)
+    est = {}
+    for packing in (False, True):
+        cfg = cfg_factory(path, method="lora", lora=LORA, train={"batch_size": 8, "micro_batch_size": 4},
+                          data={"packing": packing, "max_length": 64})
+        est[packing] = lora_activation_estimate(cfg)
+    sdpa = {p: e(layout, torch.float32) for p, e in est.items()}
+    layout.model.config._attn_implementation = "eager"
+    eager = {p: e(layout, torch.float32) for p, e in est.items()}
+    assert sdpa[True] == sdpa[False]
+    heads = layout.model.config.num_attention_heads
+    assert eager[True] - eager[False] == 2 * heads * 4 * 64 * (4 * 64 - 64) * 4  # bytes: fp32
