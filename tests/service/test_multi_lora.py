@@ -257,6 +257,24 @@ def test_worker_builds_a_streamed_base_from_its_offload_settings(setup, tmp_path
     assert trainer.runtime.store_dtype == torch.bfloat16
 
 
+def test_serve_packing_reaches_the_worker_and_its_packer(setup, tmp_path):
+    """`ferrytune serve --packing` (ControllerSettings.packing): the worker's trainer packs without
+    padding, its packer counts real tokens."""
+    from ferrytune.service._worker import TrainWorker
+
+    _, base, configs = setup
+    worker = TrainWorker("w4", str(base), dtype="float32", token_capacity=64, checkpoint_every_steps=5,
+                         num_threads=1, packing=True)
+    trainer = worker._ensure_trainer()
+    assert trainer.packing
+    assert trainer._packer([30, 30, 4]) == [[0, 1, 2]]  # 64 real tokens fit one microbatch
+    assert len(TrainWorker("w5", str(base), dtype="float32", token_capacity=64, checkpoint_every_steps=5,
+                           num_threads=1)._ensure_trainer()._packer([30, 30, 4])) == 2  # padded: 3 x 30 > 64
+    trainer.add_job("a", configs["a"], work_dir=tmp_path / "a")
+    m = trainer.step()["a"]
+    assert m["padded_tokens"] == m["real_tokens"] == m["tokens"]
+
+
 def _with_eval(cfg, eval_file, **train):
     cfg = {**cfg, "data": {**cfg["data"], "eval": str(eval_file)}, "train": {**cfg["train"], **train}}
     return cfg
