@@ -12,10 +12,14 @@ order) train ``--steps`` optimizer steps on one shared frozen base, up to five w
 * ``packed``  one ``MultiLoraTrainer`` with all K jobs on a resident base: one base forward/backward
               per microbatch over the rows of all K jobs, samples packed first-fit-decreasing into
               microbatches of ``--token-capacity`` padded tokens (the service's worker);
+* ``nopad``   as ``packed``, but packing without padding (``MultiLoraTrainer(packing=True)``): a
+              microbatch's sequences end to end in one row, position ids restarting per sequence,
+              each job's token range routed to its adapter; the packer bounds real tokens
+              (``pack_microbatches(..., packed=True)``). Padded/real tokens is 1.00 by construction;
 * ``solo``    the same trainer code, the K jobs one after another (base loaded once);
 * ``peft``    PEFT ``get_peft_model`` + AdamW, the K jobs one after another, full logits
               as a PEFT user computes them;
-* ``packed-stream`` / ``solo-stream``  as ``packed`` / ``solo`` but the base is *streamed*:
+* ``packed-stream`` / ``nopad-stream`` / ``solo-stream``  as ``packed`` / ``nopad`` / ``solo`` but the base is *streamed*:
               ``MultiLoraTrainer(offload=OffloadConfig(tier="nvme", ...), store_dtype="bfloat16")``,
               every block an O_DIRECT record in a temp dir under ``--nvme-root`` (a real disk,
               deleted at the end). Both use the same FFD packer, as the service's worker does, and
@@ -64,7 +68,8 @@ from _common import disk_ceiling, machine, peak_rss_gib, set_threads
 from ferrytune.data import demo_data_path
 from ferrytune.engine._multi_lora import MultiLoraTrainer
 
-ALL_MODES = ("packed", "solo", "peft", "packed-stream", "solo-stream")
+ALL_MODES = ("packed", "nopad", "solo", "peft", "packed-stream", "nopad-stream", "solo-stream")
+PACKED_MODES = ("packed", "nopad", "packed-stream", "nopad-stream")
 GB = 1e9
 
 
@@ -206,7 +211,7 @@ def one_round(r: int, B: int, Ks: list[int], modes: list[str], trainers: dict, p
         res = {}
         for mode in order:
             work = tmp / "jobs" / f"r{r}-b{B}-{mode}"
-            if mode in ("packed", "packed-stream"):
+            if mode in PACKED_MODES:
                 res[mode] = run_packed(trainers[mode], K, args, work).result(mode.endswith("stream"), disk_read_gbs)
             elif mode in ("solo", "solo-stream"):
                 res[mode] = run_solo(trainers[mode], K, args, work).result(mode.endswith("stream"), disk_read_gbs)
@@ -238,20 +243,27 @@ def _fmt(x: dict | None, digits: int = 2) -> str:
 
 def summarize(rounds: list[dict], Ks: list[int], B: int, modes: list[str]) -> dict:
     summary = {}
-    resident = [m for m in ("packed", "solo", "peft") if m in modes]
+    resident = [m for m in ("packed", "nopad", "solo", "peft") if m in modes]
     streamed = "packed-stream" in modes and "solo-stream" in modes
+    nopad_st = streamed and "nopad-stream" in modes
     for K in Ks:
         cells = [rd[str(K)] for rd in rounds]
         s: dict = {"median_tokens_per_s": {m: statistics.median(c[m]["tokens_per_s"] for c in cells) for m in modes}}
         ratio = functools.partial(_ratio, cells)
         s["packed_over"] = {o: ratio("packed", o) for o in ("solo", "peft") if "packed" in modes and o in modes}
+        s["nopad_over"] = {o: ratio("nopad", o) for o in ("solo", "peft", "packed") if "nopad" in modes and o in modes}
         s["padded_per_real_token"] = {m: cells[0][m]["padded_tokens"] / cells[0][m]["tokens"]
                                       for m in modes if m != "peft"}
         if streamed:
             st = {"packed_over_solo_tokens_per_s": ratio("packed-stream", "solo-stream")}
+            if "nopad-stream" in modes:
+                st["nopad_over_solo_tokens_per_s"] = ratio("nopad-stream", "solo-stream")
+                st["nopad_over_packed_tokens_per_s"] = ratio("nopad-stream", "packed-stream")
             if "packed" in modes:
                 st["packed_stream_over_packed_resident"] = ratio("packed-stream", "packed")
-            for m in ("packed-stream", "solo-stream"):
+            for m in ("packed-stream", "nopad-stream", "solo-stream"):
+                if m not in modes:
+                    continue
                 st[m] = {"bytes_read_per_token": _stat([c[m]["bytes_read_per_token"] for c in cells]),
                          "per_step": {k: (_stat([c[m]["per_step"][k] for c in cells])
                                           if cells[0][m]["per_step"][k] is not None else None)
@@ -265,6 +277,7 @@ def summarize(rounds: list[dict], Ks: list[int], B: int, modes: list[str]) -> di
         print(f"\nresident base, per-job batch {B}:\n{'K':>3} " + " ".join(f"{m + ' tok/s':>12}" for m in resident)
               + (f"  {'packed/solo':>22}" if "solo" in s["packed_over"] else "")
               + (f"  {'packed/peft':>22}" if "peft" in s["packed_over"] else "")
+              + (f"  {'nopad/solo':>22}  {'nopad/packed':>22}" if {"nopad", "solo", "packed"} <= set(modes) else "")
               + (f"  {'pad packed/solo':>15}" if {"packed", "solo"} <= set(modes) else ""))
         for K in Ks:
             s = summary[str(K)]
@@ -272,6 +285,8 @@ def summarize(rounds: list[dict], Ks: list[int], B: int, modes: list[str]) -> di
             for o in ("solo", "peft"):
                 if o in s["packed_over"]:
                     line += f"  {_fmt(s['packed_over'][o]):>22}"
+            if {"nopad", "solo", "packed"} <= set(modes):
+                line += f"  {_fmt(s['nopad_over']['solo']):>22}  {_fmt(s['nopad_over']['packed']):>22}"
             if {"packed", "solo"} <= set(modes):
                 pad = s["padded_per_real_token"]
                 line += f"  {pad['packed']:>6.2f} / {pad['solo']:.2f}"
@@ -295,11 +310,24 @@ def summarize(rounds: list[dict], Ks: list[int], B: int, modes: list[str]) -> di
             if "packed" in modes:
                 line += f" {_fmt(st['packed_stream_over_packed_resident']):>22}"
             print(line)
+        if nopad_st:
+            print(f"\nstreamed base, packing without padding (nopad) beside padded packing, per-job batch {B}:\n"
+                  f"{'K':>3} {'nopad tok/s':>11} {'nopad/solo tok/s':>22} {'nopad/packed tok/s':>22} "
+                  f"{'padded/real nopad':>17} {'packed':>6} {'mb/step nopad':>13}")
+            for K in Ks:
+                s, st = summary[str(K)], summary[str(K)]["streamed"]
+                pad = s["padded_per_real_token"]
+                print(f"{K:>3} {s['median_tokens_per_s']['nopad-stream']:>11.0f} "
+                      f"{_fmt(st['nopad_over_solo_tokens_per_s']):>22} {_fmt(st['nopad_over_packed_tokens_per_s']):>22} "
+                      f"{pad['nopad-stream']:>17.2f} {pad['packed-stream']:>6.2f} "
+                      f"{st['nopad-stream']['per_step']['microbatches']['median']:>13.1f}")
         print(f"\nwhere a streamed step's time goes, per-job batch {B} (medians; one packed step trains all K jobs, "
               f"one solo step one job):\n{'K':>3} {'mode':>13} {'MB read':>8} {'step s':>8} {'compute s':>9} "
               f"{'read s':>7} {'stall s':>8} {'disk-bound s':>12}")
         for K in Ks:
-            for m in ("packed-stream", "solo-stream"):
+            for m in ("packed-stream", "nopad-stream", "solo-stream"):
+                if m not in modes:
+                    continue
                 ps = summary[str(K)]["streamed"][m]["per_step"]
                 db = ps["disk_bound_s"]
                 print(f"{K:>3} {m:>13} {ps['bytes_read']['median'] / 1e6:>8.1f} {ps['step_s']['median']:>8.3f} "
@@ -373,6 +401,7 @@ def main() -> None:
         disk = {"start": disk_baseline(nvme, args.fio_mib)} if nvme else {}
         model_path = args.model or str(build_tiny_base(tmp / "base", args.tiny_layers))
         packer = functools.partial(pack_microbatches, capacity_tokens=args.token_capacity)
+        flat_packer = functools.partial(pack_microbatches, capacity_tokens=args.token_capacity, packed=True)
         trainers: dict = {}
         setup_s: dict = {}
         for mode in modes:
@@ -381,14 +410,17 @@ def main() -> None:
                 continue
             if mode == "packed":
                 trainers[mode] = MultiLoraTrainer(model_path, packer=packer)
+            elif mode == "nopad":
+                trainers[mode] = MultiLoraTrainer(model_path, packer=flat_packer, packing=True)
             elif mode == "solo":
                 trainers[mode] = MultiLoraTrainer(model_path)
             elif mode in streamed:
                 # one block store per trainer: the two never share a slot or a cached block
                 offload = OffloadConfig(tier="nvme", nvme_dir=str(nvme / mode), host_budget_gib=args.host_budget_gib,
                                         prefetch_depth=args.prefetch_depth)
-                trainers[mode] = MultiLoraTrainer(model_path, packer=packer, offload=offload,
-                                                  store_dtype=args.store_dtype)
+                nopad = mode == "nopad-stream"
+                trainers[mode] = MultiLoraTrainer(model_path, packer=flat_packer if nopad else packer, offload=offload,
+                                                  store_dtype=args.store_dtype, packing=nopad)
             setup_s[mode] = time.perf_counter() - t0
         peft_base = None
         if "peft" in modes:

@@ -64,6 +64,7 @@ class DataConfig(_Section):
     max_length: int = Field(256, gt=0, description="max tokens per example (prompt text / completion prompt truncated from the left)")
     eval_samples: int | None = Field(None, gt=0, description="evaluate on the first N eval rows; null = all")
     shuffle: bool = Field(True, description="reshuffle the training rows every epoch")
+    packing: bool = Field(False, description="method lora: a micro-batch's sequences end to end in one row, no padding (position ids restart per sequence, no attention across them)")
 
     @field_validator("template")
     @classmethod
@@ -319,6 +320,9 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         problems += _hizoo_problems(cfg)
     if cfg.method == "zo" and cfg.zo.estimator != "hizoo" and "hessian_smooth" in cfg.zo.model_fields_set:
         problems.append(("zo.hessian_smooth", "applies to zo.estimator: hizoo only; remove it"))
+    if cfg.data.packing and cfg.method != "lora":
+        problems.append(("data.packing", f"packs sequences for method: lora only (got method: {cfg.method}); "
+                                         "set it to false"))
     if cfg.offload.tier == "nvme" and not cfg.offload.nvme_dir:
         problems.append(("offload.nvme_dir", "required when offload.tier is 'nvme' (set it to a directory on a fast local disk)"))
     if cfg.parallel.backend == "nccl" and cfg.device != "cuda":

@@ -134,3 +134,128 @@ def pad_positions(batches: list[Batch]) -> list[Batch]:
                       pad(b.loss_mask), b.labels, b.class_token_ids)
         out.append(b)
     return out
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed end to end, no padding between them (``data.packing``).
+
+    ``R`` rows of ``T`` tokens each hold whole sequences back to back; ``position_ids`` restart
+    at 0 at every sequence, which is how transformers marks packed sequences
+    (``DataCollatorWithFlattening``'s convention): given ``position_ids`` and no attention mask,
+    ``masking_utils.create_causal_mask`` finds the boundaries (``find_packed_sequence_indices``)
+    and no token attends across one (sdpa / eager / flex masks; flash-attention runs varlen).
+    Only a row's tail is padding (its positions restart too, so it is a sequence of its own that
+    no real token sees). ``S`` sequences; ``loss_positions`` index the flattened ``R * T`` tokens,
+    so :func:`loss_per_sample` / :func:`correct_per_sample` give the (S,) per-sequence values of
+    the unpacked :class:`Batch` of the same examples.
+    """
+
+    input_ids: torch.Tensor  # (R, T) long
+    position_ids: torch.Tensor  # (R, T) long, 0.. per sequence
+    loss_positions: torch.Tensor  # (S, L) long, flat indices into R*T (0 where padded)
+    loss_targets: torch.Tensor  # (S, L) long
+    loss_mask: torch.Tensor  # (S, L) float32
+    spans: tuple[tuple[int, int], ...]  # per sequence: [start, end) in the flattened R*T tokens
+    labels: torch.Tensor | None = None  # (S,) long, classification only
+    class_token_ids: torch.Tensor | None = None  # (C,) long
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences (not rows)."""
+        return self.loss_positions.shape[0]
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(e - s for s, e in self.spans)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the forward computes: rows x row length."""
+        return self.input_ids.numel()
+
+    @property
+    def is_classification(self) -> bool:
+        return self.class_token_ids is not None
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "PackedBatch":
+        moved = {f.name: t.to(device, non_blocking=non_blocking) if isinstance(t := getattr(self, f.name), torch.Tensor)
+                 else t for f in fields(self)}
+        return PackedBatch(**moved)
+
+
+def collate_packed(examples: list[Example], *, pad_id: int, capacity: int | None = None) -> PackedBatch:
+    """Pack ``examples`` end to end, in order, into rows of at most ``capacity`` tokens.
+
+    A sequence never spans two rows: the next one opens a new row when it does not fit.
+    ``capacity`` None: one row. Rows are as long as the fullest (the others end in padding).
+    """
+    if not examples:
+        raise ValueError("collate_packed needs at least one example")
+    classification = examples[0].class_token_ids is not None
+    if any((e.class_token_ids is not None) != classification for e in examples):
+        raise ValueError("cannot mix classification and completion examples in one batch")
+    if classification and any(e.class_token_ids != examples[0].class_token_ids for e in examples):
+        raise ValueError("classification examples in one batch must share the verbalizer")
+    rows: list[list[Example]] = [[]]
+    fill = [0]
+    for e in examples:
+        n = len(e.input_ids)
+        if capacity is not None and n > capacity:
+            raise ValueError(f"an example has {n} tokens, more than a packed row holds ({capacity})")
+        if rows[-1] and capacity is not None and fill[-1] + n > capacity:
+            rows.append([])
+            fill.append(0)
+        rows[-1].append(e)
+        fill[-1] += n
+    R, T = len(rows), max(fill)
+    S, L = len(examples), max(len(e.loss_positions) for e in examples)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long)
+    positions = torch.zeros((S, L), dtype=torch.long)
+    targets = torch.zeros((S, L), dtype=torch.long)
+    mask = torch.zeros((S, L), dtype=torch.float32)
+    spans: list[tuple[int, int]] = []
+    s = 0
+    for r, row in enumerate(rows):
+        t = 0
+        for e in row:
+            n, m = len(e.input_ids), len(e.loss_positions)
+            input_ids[r, t:t + n] = torch.tensor(e.input_ids, dtype=torch.long)
+            position_ids[r, t:t + n] = torch.arange(n)
+            positions[s, :m] = torch.tensor(e.loss_positions, dtype=torch.long) + r * T + t
+            targets[s, :m] = torch.tensor(e.loss_targets, dtype=torch.long)
+            mask[s, :m] = 1.0
+            spans.append((r * T + t, r * T + t + n))
+            t += n
+            s += 1
+        position_ids[r, t:] = torch.arange(T - t)  # the tail: a padding "sequence" of its own
+    labels = class_ids = None
+    if classification:
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        class_ids = torch.tensor(examples[0].class_token_ids, dtype=torch.long)
+    return PackedBatch(input_ids, position_ids, positions, targets, mask, tuple(spans), labels, class_ids)
+
+
+def gather_packed(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x.flatten(0, 1)[positions]``: (R, T, D) and (S, L) flat positions -> (S, L, D)."""
+    return x.reshape(-1, x.shape[-1])[positions]
+
+
+def join_packed(batches: list[PackedBatch]) -> tuple[torch.Tensor, torch.Tensor, list[PackedBatch]]:
+    """One row of several single-row packed batches end to end (jobs of other formats, each its own loss).
+
+    Returns the joined ``(1, N)`` input ids and position ids, and each batch with its
+    ``loss_positions`` and ``spans`` shifted to where its tokens now sit (its own ids unchanged).
+    """
+    if not batches or any(b.input_ids.shape[0] != 1 for b in batches):
+        raise ValueError("join_packed needs single-row packed batches")
+    out, offset = [], 0
+    for b in batches:
+        shifted = b.loss_positions + offset * (b.loss_mask > 0).long()  # padded positions stay at 0
+        out.append(PackedBatch(b.input_ids, b.position_ids, shifted, b.loss_targets, b.loss_mask,
+                               tuple((s + offset, e + offset) for s, e in b.spans), b.labels, b.class_token_ids))
+        offset += b.input_ids.shape[1]
+    ids = torch.cat([b.input_ids for b in batches], dim=1)
+    pos = torch.cat([b.position_ids for b in batches], dim=1)
+    return ids, pos, out

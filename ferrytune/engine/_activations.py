@@ -58,9 +58,12 @@ def _layer_of(path: str) -> str:
 
 def lora_activation_estimate(cfg):
     """The ``activation_estimate`` of ``build_runtime`` for a run config (method lora): one
-    micro-batch of ``train.micro_batch_size`` rows of ``data.max_length`` tokens."""
+    micro-batch of ``train.micro_batch_size`` rows of ``data.max_length`` tokens; with
+    ``data.packing`` one row of all of them (eager attention's T x T term grows with the row)."""
     spec = LoraSpec.from_config(cfg.lora)
     rows, tokens = cfg.train.effective_micro_batch_size, cfg.data.max_length
+    if cfg.data.packing:
+        rows, tokens = 1, rows * tokens
 
     def estimate(layout: ModelLayout, dtype: torch.dtype) -> int:
         return layer_activation_bytes(layout, spec, rows=rows, tokens=tokens, dtype=dtype)

@@ -58,6 +58,22 @@ def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,
     return [OUTER] + (layers + again) * num_micro
 
 
+PACKING_MODEL_TYPES = ("llama", "qwen2")
+"""Model types whose packed-sequence attention (position ids restarting, no mask) the tests check
+isolates sequences (tests/engine/test_packing.py); others may build their mask another way."""
+
+
+def check_packing_supported(model: Any, key: str = "data.packing") -> None:
+    """ConfigError (one line) unless ``model``'s attention is known to honour packed position ids."""
+    from ferrytune.errors import ConfigError
+
+    cfg = model.config
+    kind = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "model_type", None)
+    if kind not in PACKING_MODEL_TYPES:
+        raise ConfigError(f"{key}: packing is checked for model types {', '.join(PACKING_MODEL_TYPES)} only "
+                          f"(this model is {kind!r}); set it to false")
+
+
 class WeightRef(NamedTuple):
     """A saved tensor that aliased a block's working buffer: unpacked from the copy fetched for backward."""
 
@@ -123,11 +139,25 @@ class FOEngine:
         self.streamer.release(OUTER, dirty=False)
         self.streamer.finish_pass()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits at ``positions``: (B, T) ids and mask, (B, L) positions -> (B, L, V)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor, *,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at ``positions``: (B, T) ids and mask, (B, L) positions -> (B, L, V).
+
+        Packed sequences (``ferrytune.data.PackedBatch``): ``position_ids`` (R, T) restarting at 0 per
+        sequence and no ``attention_mask``; ``positions`` (S, L) then index the flattened R*T tokens.
+        The kwargs reach every decoder layer through the intercepted units unchanged (the rotary
+        ``position_embeddings`` and the block-diagonal causal mask the model builds from them).
+        """
         model = self.layout.model
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if position_ids is None:
+            out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            if attention_mask is not None:
+                raise ValueError("FOEngine.forward: packed sequences take position_ids and no attention_mask")
+            out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if position_ids is not None:
+            return logits_at(model, hidden.reshape(-1, hidden.shape[-1])[positions])
         idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return logits_at(model, torch.gather(hidden, 1, idx))
 

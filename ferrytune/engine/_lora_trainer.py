@@ -11,6 +11,12 @@ clip, and step the optimizer (``train.optimizer``: AdamW, Adam-mini or SGD-SaI, 
 with the schedule's learning rate. Every rank ends the step
 with identical adapters.
 
+``data.packing``: a micro-batch's sequences go end to end into one row (``collate_packed``), with
+position ids restarting at 0 per sequence and no attention mask, so transformers' packed-sequence
+mask keeps every sequence's attention to itself; the loss is per sequence as before, with the same
+normalisation, so packed training equals unpacked up to float rounding (other GEMM shapes).
+Each step's metrics line carries ``real_tokens`` and ``padded_tokens`` (what the forwards computed).
+
 Checkpoints hold the adapter (PEFT format), the optimizer's state and the step; the
 data order is a pure function of the step, so resume is exact with the same or
 a different world size.
@@ -25,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from ferrytune.data import collate, correct_per_sample, eval_batches
+from ferrytune.data import collate, collate_packed, correct_per_sample, eval_batches
 from ferrytune.data import loss_per_sample
 from ferrytune.atomic import fsync_dir, write_atomic_json
 from ferrytune.engine._activations import lora_activation_estimate
 from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
-from ferrytune.engine._fo import FOEngine
+from ferrytune.engine._fo import FOEngine, check_packing_supported
 from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._optim import build_optimizer, load_optimizer_state
 from ferrytune.engine._runtime import build_runtime, weights_from
@@ -71,6 +77,8 @@ class LoraTrainer(StepLoop):
         rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
         self.engine = FOEngine(rt.layout, rt.streamer, device=rt.device)
         model = rt.layout.model
+        if cfg.data.packing:
+            check_packing_supported(model)
         if self.ckpt is not None:
             self.adapter, self.spec = load_peft(self.ckpt / ADAPTER_DIR, model)
         elif cfg.lora.init_from:
@@ -103,7 +111,10 @@ class LoraTrainer(StepLoop):
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over the global batch."""
         t, dev = self.cfg.train, self.rt.device
-        micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
+        if self.cfg.data.packing:  # each micro-batch's sequences end to end in one row, no padding
+            micro = [collate_packed(mb, pad_id=self.pad_id) for mb in self.batcher.local_batch_for_step(step)]
+        else:
+            micro = pad_positions(self.batcher.batches_for_step(step, pad_id=self.pad_id))
         self.optim.zero_grad(set_to_none=False)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         world, rank = self.mesh.data, self.mesh.dp_rank
@@ -114,8 +125,11 @@ class LoraTrainer(StepLoop):
                 # number of ranks and after a resume.
                 torch.manual_seed(micro_seed(t.seed, step, i * world + rank))
                 b = mb.to(dev)
-                logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
-                per = loss_per_sample(logits, b)  # (B,)
+                if self.cfg.data.packing:
+                    logits = self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
+                else:
+                    logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
+                per = loss_per_sample(logits, b)  # (B,): per sequence, packed or not
                 loss = per.sum() / t.batch_size
                 loss.backward()
                 loss_sum += float(per.detach().sum())
@@ -132,7 +146,12 @@ class LoraTrainer(StepLoop):
         self.optim.step()
         loss = float(loss_sum) / t.batch_size
         self.agree.update(loss, lr_at(step, t))
-        return StepResult(loss, lr_at(step, t), sum(int(m.attention_mask.sum()) for m in micro))
+        if self.cfg.data.packing:
+            real, padded = sum(m.real_tokens for m in micro), sum(m.padded_tokens for m in micro)
+        else:
+            real, padded = sum(int(m.attention_mask.sum()) for m in micro), sum(m.input_ids.numel() for m in micro)
+        # tokens the forwards computed (padding included) beside the real ones, this rank
+        return StepResult(loss, lr_at(step, t), real, {"real_tokens": real, "padded_tokens": padded})
 
     def _reduce_grads(self) -> None:
         if not self.mesh.distributed:

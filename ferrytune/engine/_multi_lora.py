@@ -9,6 +9,10 @@ Each call of :meth:`MultiLoraTrainer.step` is one optimizer step of every active
 3. inside a microbatch rows are sorted by job, so each adapter's rows are contiguous, and
    ONE base forward runs over them with the :class:`~ferrytune.lora.Router` saying which
    rows use which adapter (mLoRA's BatchLoRA, Ye et al. 2023, arXiv:2312.02515);
+   With ``packing`` the microbatch's sequences instead go end to end into ONE row, no padding
+   (``collate_packed`` per job, ``join_packed``): position ids restart at 0 per sequence, so
+   transformers' packed-sequence mask keeps attention inside each sequence, and the router
+   routes each job's token range to its adapter (``route(segments, tokens=N)``);
 4. the loss is ``sum over jobs of sum(per-sample loss of the job's rows) / job batch size``,
    i.e. the sum of each job's own mean; one ``backward`` per microbatch;
 5. each job then clips its own gradient norm, sets its own scheduled lr and steps its own
@@ -49,9 +53,12 @@ from ferrytune.data import (
     Batcher,
     Example,
     collate,
+    collate_packed,
     correct_per_sample,
     eval_batches,
+    gather_packed,
     gather_positions,
+    join_packed,
     load_examples,
     load_tokenizer,
     loss_per_sample,
@@ -121,9 +128,15 @@ class MultiLoraTrainer:
 
     def __init__(self, base_path: str | os.PathLike, *, device: str | torch.device = "cpu", seed: int = 0,
                  dtype: str = "float32", packer: Packer | None = None, offload=None, store_dtype: str = "auto",
-                 eval_tokens: int | None = None):
+                 eval_tokens: int | None = None, packing: bool = False):
         """``eval_tokens``: most padded tokens of one eval forward (the service's token capacity); an
-        eval chunk longer than that is cut into pieces of ``eval_tokens // data.max_length`` rows."""
+        eval chunk longer than that is cut into pieces of ``eval_tokens // data.max_length`` rows.
+
+        ``packing``: a training microbatch's sequences go end to end into one row, no padding
+        (``ferrytune.data.collate_packed``: position ids restart per sequence, attention never
+        crosses a boundary) and the router routes per token range (``route(..., tokens=N)``); the
+        packer then bounds real tokens (``pack_microbatches(..., packed=True)``)."""
+        self.packing = packing
         self.base_path = os.fspath(base_path)
         self.eval_tokens = eval_tokens
         self.device = torch.device(device)
@@ -147,6 +160,9 @@ class MultiLoraTrainer:
             self.runtime.streamer.open(weights_from(self.base_path, self.runtime.layout))
             self.engine = FOEngine(self.runtime.layout, self.runtime.streamer, device=self.device)
             self.model = self.runtime.layout.model
+        if packing:
+            from ferrytune.engine._fo import check_packing_supported
+            check_packing_supported(self.model, key="packing")
         self.model.requires_grad_(False)
         self.model.train()  # as PEFT trains: LoRA dropout follows the base module's mode
         self.router = Router()
@@ -165,12 +181,17 @@ class MultiLoraTrainer:
             self.engine = None
 
     # ---- the base forward: resident, or streamed through the engine's intercepted units ----
-    def _forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states (B, T, C) of the frozen base, adapters applied by the hooks.
 
         With a streamed base the same call runs through the engine's intercepted units.
+        Packed rows pass ``position_ids`` (restarting per sequence) and no mask.
         """
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if position_ids is not None:
+            out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        else:
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state  # (B, T, C)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -287,8 +308,12 @@ class MultiLoraTrainer:
         padded_tokens = 0
         for rows in bins:
             rows = sorted(rows, key=lambda i: (samples[i][0], i))  # each job's rows contiguous
-            padded_tokens += len(rows) * max(len(samples[i][1].input_ids) for i in rows)
-            sums = self._forward_backward([samples[i] for i in rows], active, index)
+            if self.packing:
+                padded_tokens += sum(len(samples[i][1].input_ids) for i in rows)  # one row, no padding
+                sums = self._forward_backward_packed([samples[i] for i in rows], active, index)
+            else:
+                padded_tokens += len(rows) * max(len(samples[i][1].input_ids) for i in rows)
+                sums = self._forward_backward([samples[i] for i in rows], active, index)
             for a, s in sums.items():
                 loss_sums[a] += s
         out: dict[str, dict[str, float]] = {}
@@ -299,7 +324,8 @@ class MultiLoraTrainer:
         for metrics in out.values():
             metrics["step_time_s"] = elapsed
             metrics["num_microbatches"] = len(bins)
-            metrics["padded_tokens"] = padded_tokens
+            metrics["padded_tokens"] = padded_tokens  # tokens the forwards computed, all jobs
+            metrics["real_tokens"] = sum(tokens)
         return out
 
     def _forward_backward(self, rows: list[tuple[int, Example]], active: list[_Job],
@@ -319,6 +345,41 @@ class MultiLoraTrainer:
             self.engine.begin_step(1)  # streamed base: outer block held until after backward
         try:
             sums = self._packed_loss_backward(segments, batches, input_ids, attention_mask, active, sums)
+        except BaseException:
+            if self.engine is not None:
+                self.engine.end_step(failed=True)
+            raise
+        if self.engine is not None:
+            self.engine.end_step()
+        return sums
+
+    def _forward_backward_packed(self, rows: list[tuple[int, Example]], active: list[_Job],
+                                 index: dict[str, int]) -> dict[int, float]:
+        """One microbatch, its sequences end to end in ONE row (rows sorted by job).
+
+        Each job's sequences are one contiguous token range, routed to its adapter; the loss is the
+        same per-sample sum over the job's batch size as :meth:`_forward_backward`'s.
+        """
+        groups, segments = [], []  # per job: (job position, its packed batch); its token range
+        for a in sorted({a for a, _ in rows}):
+            groups.append((a, collate_packed([e for b, e in rows if b == a], pad_id=self.pad_id)))
+        input_ids, position_ids, joined = join_packed([g for _, g in groups])
+        for (a, _), g in zip(groups, joined):
+            segments.append((index[active[a].job_id], g.spans[0][0], g.spans[-1][1]))
+        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
+        groups = [(a, g.to(self.device)) for (a, _), g in zip(groups, joined)]
+        sums: dict[int, float] = {}
+        if self.engine is not None:
+            self.engine.begin_step(1)
+        try:
+            with self.router.route(segments, tokens=input_ids.numel()):  # open through backward
+                hidden = self._forward_hidden(input_ids, None, position_ids)  # (1, N, C)
+                loss = hidden.new_zeros((), dtype=torch.float32)
+                for a, g in groups:
+                    per_sample = loss_per_sample(self._head(gather_packed(hidden, g.loss_positions)), g)  # (b,)
+                    loss = loss + per_sample.sum() / active[a].batcher.global_batch_size
+                    sums[a] = float(per_sample.detach().sum())
+                loss.backward()
         except BaseException:
             if self.engine is not None:
                 self.engine.end_step(failed=True)

@@ -16,6 +16,11 @@ Several adapters on one packed batch::
     with router.route([(0, 0, 4), (1, 4, 6), (2, 6, 8)]):   # (adapter, row_start, row_end)
         loss = sum(per-job mean losses); loss.backward()
 
+Sequences of several adapters end to end in one row (packing without padding): segments are
+ranges of the flattened rows x positions tokens::
+
+    with router.route([(0, 0, 37), (1, 37, 90)], tokens=input_ids.numel()): ...
+
 See docs/lora.md for the math and the format.
 """
 

@@ -17,6 +17,11 @@ at the targets adapter k has. Rows are dim 0 of the hooked module's input. The
 per-segment pieces are joined with ``torch.cat``, so each segment's arithmetic
 is exactly what a solo run of adapter k on those rows would do.
 
+Packed sequences (``data.packing``, no padding): several tenants' sequences share one row, so
+``route(segments, tokens=R*T)`` makes the segments ranges of the *flattened* tokens of the
+hooked input ``(R, T, ..., in)`` -> ``(R*T, ..., in)``: a per-token (per-sequence run) routing.
+The same per-segment arithmetic applies to a sequence's tokens as in a solo run of it.
+
 Activation checkpointing: the hooks re-run in backward, so they must compute the
 same thing twice. Dropout uses the global RNG, which
 ``torch.utils.checkpoint`` saves and restores (``preserve_rng_state=True``);
@@ -54,6 +59,12 @@ class Router:
 
     def __init__(self) -> None:
         self._segments: tuple[Segment, ...] | None = None
+        self._tokens: int | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        """Inside ``route(..., tokens=N)``: segments index the N flattened tokens, not rows."""
+        return self._tokens
 
     @property
     def segments(self) -> tuple[Segment, ...] | None:
@@ -61,14 +72,22 @@ class Router:
         return self._segments
 
     @contextlib.contextmanager
-    def route(self, segments: Sequence[Segment]) -> Iterator["Router"]:
-        """Make ``segments`` the routing for every hooked forward (and recompute) inside."""
+    def route(self, segments: Sequence[Segment], *, tokens: int | None = None) -> Iterator["Router"]:
+        """Make ``segments`` the routing for every hooked forward (and recompute) inside.
+
+        ``tokens=N`` (packed sequences): segments are ranges of the flattened first two dims
+        (rows x positions) of each hooked input, which must hold exactly N tokens; a module
+        that sees tokens in another layout (an MoE expert's gathered tokens) raises.
+        """
         checked = _check_segments(segments)
-        previous, self._segments = self._segments, checked
+        if tokens is not None and (tokens <= 0 or checked[-1][2] > tokens):
+            raise ValueError(f"router: tokens={tokens} but a segment ends at {checked[-1][2]}")
+        previous = self._segments, self._tokens
+        self._segments, self._tokens = checked, tokens
         try:
             yield self
         finally:
-            self._segments = previous
+            self._segments, self._tokens = previous
 
 
 def _check_segments(segments: Sequence[Segment]) -> tuple[Segment, ...]:
@@ -103,6 +122,19 @@ class _LoraHook:
         if not args:
             raise FerrytuneError(f"LoRA hook on {self.path}: the input must be passed positionally")
         x = args[0]  # (rows, ..., in)
+        tokens = None if self.router is None else self.router.tokens
+        if tokens is not None:  # packed sequences: route the flattened (rows x positions) tokens
+            if x.dim() < 3 or x.shape[0] * x.shape[1] != tokens or output.shape[:2] != x.shape[:2]:
+                raise FerrytuneError(
+                    f"LoRA hook on {self.path}: token routing needs a (rows, positions, ...) input of "
+                    f"{tokens} tokens, got {tuple(x.shape)}")
+            lead = x.shape[:2]
+            out = self._apply(module, (x.flatten(0, 1),) + tuple(args[1:]), output.flatten(0, 1))
+            return out.unflatten(0, lead)
+        return self._apply(module, args, output)
+
+    def _apply(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
         num_rows = x.shape[0]
         segments = self._segments(num_rows)
         if len(segments) == 1 and segments[0][1:] == (0, num_rows):
@@ -137,7 +169,7 @@ class _LoraHook:
             )
         if segments[-1][2] > num_rows:
             raise FerrytuneError(
-                f"LoRA hook on {self.path}: router segment ends at row {segments[-1][2]} "
+                f"LoRA hook on {self.path}: router segment ends at {segments[-1][2]} "
                 f"but the batch has {num_rows} rows"
             )
         max_k = max(k for k, _, _ in segments)

@@ -77,6 +77,8 @@ class ControllerSettings:
     """adapters trained together on one worker"""
     token_capacity: int = 4096
     """padded tokens of one packed microbatch"""
+    packing: bool = False
+    """pack each microbatch's sequences end to end, no padding (the trainer's ``packing``); capacity = real tokens"""
     min_slice_s: float = 300.0
     """a job runs at least this long before a fair-share preemption"""
     checkpoint_every_steps: int = 20
@@ -313,7 +315,7 @@ class Controller:
         ).remote(worker_id, self.catalog.paths[base], dtype=dtype, token_capacity=s.token_capacity,
                  checkpoint_every_steps=s.checkpoint_every_steps, num_threads=max(1, int(s.worker_num_cpus)),
                  offload=_worker_offload(s.base_offload, worker_id), store_dtype=s.base_store_dtype,
-                 eval_slice_s=s.eval_slice_s)
+                 eval_slice_s=s.eval_slice_s, packing=s.packing)
         self.workers[worker_id] = _Worker(worker_id, group, actor)
         logger.info("started worker %s for base %s (%s)", worker_id, base, dtype)
 

@@ -377,13 +377,15 @@ def _stop_idle(plan: _Plan, candidates: list[JobView], decisions: list[Decision]
             decisions.append(StopWorker(worker_id, "idle"))
 
 
-def pack_microbatches(lengths: Sequence[int], *, capacity_tokens: int) -> list[list[int]]:
+def pack_microbatches(lengths: Sequence[int], *, capacity_tokens: int, packed: bool = False) -> list[list[int]]:
     """Sample indices grouped into microbatches of at most ``capacity_tokens`` padded tokens.
 
     First-fit-decreasing: samples sorted longest first; each goes into the first microbatch
     where ``(rows + 1) * longest_row <= capacity_tokens`` (the longest row of a microbatch is
-    its first, because of the sort). Indices inside a microbatch are returned ascending, so a
-    caller that lists samples job by job keeps each job's rows contiguous.
+    its first, because of the sort). ``packed`` (sequences end to end, no padding: the
+    trainer's ``packing``): the cost is the sum of the lengths instead. Indices inside a
+    microbatch are returned ascending, so a caller that lists samples job by job keeps each
+    job's rows contiguous.
     """
     if capacity_tokens <= 0:
         raise ValueError(f"capacity_tokens must be > 0 (got {capacity_tokens})")
@@ -395,7 +397,8 @@ def pack_microbatches(lengths: Sequence[int], *, capacity_tokens: int) -> list[l
         if n > capacity_tokens:
             raise ValueError(f"sample {i} has {n} tokens, more than a microbatch holds ({capacity_tokens})")
         for b, rows in enumerate(bins):
-            if (len(rows) + 1) * longest[b] <= capacity_tokens:
+            cost = sum(lengths[j] for j in rows) + n if packed else (len(rows) + 1) * longest[b]
+            if cost <= capacity_tokens:
                 rows.append(i)
                 break
         else:

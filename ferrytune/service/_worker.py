@@ -76,7 +76,7 @@ class TrainWorker:
 
     def __init__(self, worker_id: str, base_path: str, *, dtype: str, token_capacity: int,
                  checkpoint_every_steps: int, num_threads: int, seed: int = 0, offload: dict | None = None,
-                 store_dtype: str = "auto", eval_slice_s: float = 0.05):
+                 store_dtype: str = "auto", eval_slice_s: float = 0.05, packing: bool = False):
         os.umask(0o077)  # checkpoints and adapters are the tenant's: private to the service's user
         self.worker_id = worker_id
         self.base_path = base_path
@@ -88,6 +88,7 @@ class TrainWorker:
         self.offload = offload
         self.store_dtype = store_dtype
         self.eval_slice_s = eval_slice_s
+        self.packing = packing
         self._trainer = None
         self._jobs: dict[str, dict] = {}  # job id -> its add command (jobs on the trainer)
         self._loading: dict[str, tuple[dict, concurrent.futures.Future]] = {}  # job id -> (command, its data)
@@ -118,14 +119,14 @@ class TrainWorker:
 
             transformers.utils.logging.disable_progress_bar()
             torch.set_num_threads(self.num_threads)
-            packer = functools.partial(pack_microbatches, capacity_tokens=self.token_capacity)
+            packer = functools.partial(pack_microbatches, capacity_tokens=self.token_capacity, packed=self.packing)
             offload = None
             if self.offload:
                 from ferrytune.config import OffloadConfig
                 offload = OffloadConfig(**self.offload)
             self._trainer = MultiLoraTrainer(self.base_path, dtype=self.dtype, seed=self.seed, packer=packer,
                                              offload=offload, store_dtype=self.store_dtype,
-                                             eval_tokens=self.token_capacity)
+                                             eval_tokens=self.token_capacity, packing=self.packing)
             logger.info("worker %s loaded %s (%s)", self.worker_id, self.base_path, self.dtype)
         return self._trainer
 

@@ -127,7 +127,7 @@ def serve_main(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ControllerSettings(
         worker_memory_gib=args.worker_memory_gib, max_workers=args.max_workers,
-        max_jobs_per_worker=args.max_jobs_per_worker, token_capacity=args.token_capacity,
+        max_jobs_per_worker=args.max_jobs_per_worker, token_capacity=args.token_capacity, packing=args.packing,
         min_slice_s=args.min_slice_s, checkpoint_every_steps=args.checkpoint_every_steps,
         eval_slice_s=args.eval_slice_s,
         worker_num_cpus=args.worker_cpus, base_store_dtype=args.base_store_dtype,
@@ -247,6 +247,8 @@ def add_service_subcommands(subparsers) -> None:
     p.add_argument("--max-workers", type=int, default=1, help="worker actors alive at once")
     p.add_argument("--max-jobs-per-worker", type=int, default=8, help="adapters packed on one worker")
     p.add_argument("--token-capacity", type=int, default=4096, help="padded tokens per packed microbatch")
+    p.add_argument("--packing", action="store_true",
+                   help="pack each microbatch's sequences end to end, no padding (capacity then counts real tokens)")
     p.add_argument("--min-slice-s", type=float, default=300.0, help="run time before a fair-share preemption")
     p.add_argument("--checkpoint-every-steps", type=int, default=20, help="per-job checkpoint period")
     p.add_argument("--eval-slice-s", type=float, default=0.05,

@@ -36,8 +36,8 @@ def setup(tmp_path_factory):
     return d, base, configs
 
 
-def _train(base, configs, work, *, packer=None, steps=NUM_STEPS):
-    trainer = MultiLoraTrainer(base, packer=packer)
+def _train(base, configs, work, *, packer=None, steps=NUM_STEPS, packing=False):
+    trainer = MultiLoraTrainer(base, packer=packer, packing=packing)
     for job_id, cfg in configs.items():
         trainer.add_job(job_id, cfg, work_dir=work / job_id)
     history = [trainer.step() for _ in range(steps)]
@@ -103,6 +103,40 @@ def test_packed_in_one_microbatch_equals_solo_within_gemm_rounding(setup, tmp_pa
             torch.testing.assert_close(packed.adapter(job_id).state_dict()[key], value, atol=atol, rtol=0)
         # the bound is tight against what training moved: B left its zero init by far more than atol
         assert max(v.abs().max() for k, v in solo.adapter(job_id).state_dict().items() if "lora_B" in k) > 100 * atol
+
+
+def test_packing_without_padding_equals_solo_within_gemm_rounding(setup, tmp_path):
+    """``packing``: each microbatch's sequences of all three jobs end to end in one row, routed to
+    their adapters by token range; every job trains as alone (unpacked, padded, one microbatch).
+
+    Bound as in the test above, for the same reason: the same arithmetic per sequence, GEMMs of
+    other shapes (one row of up to 96 tokens instead of 3-6 padded rows; attention over a
+    block-diagonal mask of the whole row), so float32 rounding differs per product; Adam's scale-free
+    update turns a rounding-level gradient difference into up to ~lr * 1e-4 per step (seen: 8e-7
+    after 3 steps). A token routed to the wrong adapter, or attention across a boundary, moves
+    weights by ~lr = 1e-2 per step: ATOL sits four orders of magnitude below that.
+    """
+    _, base, configs = setup
+    steps = 3
+    atol = steps * 1e-2 * 1e-4
+    packer = functools.partial(pack_microbatches, capacity_tokens=96, packed=True)
+    packed, history = _train(base, configs, tmp_path / "packed", packer=packer, steps=steps, packing=True)
+    for h in history:
+        m = next(iter(h.values()))
+        assert m["num_microbatches"] > 1  # the capacity splits the step: jobs mix inside microbatches
+        assert m["real_tokens"] == sum(h[j]["tokens"] for j in h)
+        assert m["padded_tokens"] / m["real_tokens"] <= 1.05
+    padded, padded_history = _train(base, configs, tmp_path / "padded", steps=steps,
+                                    packer=functools.partial(pack_microbatches, capacity_tokens=96))
+    assert all(padded_history[0][j]["padded_tokens"] > history[0][j]["padded_tokens"] for j in configs)
+    for job_id, cfg in configs.items():
+        solo, solo_history = _train(base, {job_id: cfg}, tmp_path / f"solo-{job_id}", steps=steps)
+        for key, value in solo.adapter(job_id).state_dict().items():
+            err = float((packed.adapter(job_id).state_dict()[key] - value).abs().max())
+            assert err <= atol, f"{job_id} {key}: max|packed - solo| = {err:.3g} > {atol:.3g}"
+        assert max(v.abs().max() for k, v in solo.adapter(job_id).state_dict().items() if "lora_B" in k) > 100 * atol
+        for step in range(steps):
+            assert history[step][job_id]["loss"] == pytest.approx(solo_history[step][job_id]["loss"], rel=1e-5)
 
 
 def test_resume_from_checkpoint_is_exact(setup, tmp_path):
@@ -179,10 +213,33 @@ def test_streamed_base_equals_resident_base(setup, tmp_path, tier):
             assert torch.equal(got[key], want[key]), (job_id, key)
     # the base is only read: nothing is written back during training
     assert all(after["bytes_written"][t] == before["bytes_written"][t] for t in after["bytes_written"])
+    streamed.close()
     if tier == "host":  # fp32 host masters on a CPU device serve in place: nothing moves
         assert after["bytes_read"][tier] == before["bytes_read"][tier]
     else:
         assert after["bytes_read"][tier] > before["bytes_read"][tier]
+
+
+def test_packing_on_a_streamed_base_equals_the_resident_base(setup, tmp_path):
+    """position_ids (and the rotary embeddings / packed mask the model derives) pass through the
+    engine's intercepted layers: NVMe-streamed packed training = resident packed, bit for bit."""
+    from ferrytune.config import OffloadConfig
+
+    _, base, configs = setup
+    packer = functools.partial(pack_microbatches, capacity_tokens=96, packed=True)
+    resident, res_hist = _train(base, configs, tmp_path / "res", packer=packer, steps=2, packing=True)
+    offload = OffloadConfig(tier="nvme", nvme_dir=str(tmp_path / "nvme"), prefetch_depth=1)
+    streamed = MultiLoraTrainer(base, packer=packer, offload=offload, packing=True)
+    for job_id, cfg in configs.items():
+        streamed.add_job(job_id, cfg, work_dir=tmp_path / "str" / job_id)
+    str_hist = [streamed.step() for _ in range(2)]
+    for job_id in configs:
+        for a, b in zip(res_hist, str_hist):
+            assert a[job_id]["loss"] == b[job_id]["loss"]
+        got, want = streamed.adapter(job_id).state_dict(), resident.adapter(job_id).state_dict()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (job_id, key)
+    streamed.close()
 
 
 def test_worker_builds_a_streamed_base_from_its_offload_settings(setup, tmp_path):
@@ -198,6 +255,24 @@ def test_worker_builds_a_streamed_base_from_its_offload_settings(setup, tmp_path
     assert trainer.engine is not None
     assert (tmp_path / "nv" / "w3" / "store.json").exists()
     assert trainer.runtime.store_dtype == torch.bfloat16
+
+
+def test_serve_packing_reaches_the_worker_and_its_packer(setup, tmp_path):
+    """`ferrytune serve --packing` (ControllerSettings.packing): the worker's trainer packs without
+    padding, its packer counts real tokens."""
+    from ferrytune.service._worker import TrainWorker
+
+    _, base, configs = setup
+    worker = TrainWorker("w4", str(base), dtype="float32", token_capacity=64, checkpoint_every_steps=5,
+                         num_threads=1, packing=True)
+    trainer = worker._ensure_trainer()
+    assert trainer.packing
+    assert trainer._packer([30, 30, 4]) == [[0, 1, 2]]  # 64 real tokens fit one microbatch
+    assert len(TrainWorker("w5", str(base), dtype="float32", token_capacity=64, checkpoint_every_steps=5,
+                           num_threads=1)._ensure_trainer()._packer([30, 30, 4])) == 2  # padded: 3 x 30 > 64
+    trainer.add_job("a", configs["a"], work_dir=tmp_path / "a")
+    m = trainer.step()["a"]
+    assert m["padded_tokens"] == m["real_tokens"] == m["tokens"]
 
 
 def _with_eval(cfg, eval_file, **train):

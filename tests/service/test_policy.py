@@ -182,6 +182,16 @@ def test_pack_microbatches_first_fit_decreasing():
         pack_microbatches([300], capacity_tokens=200)
 
 
+def test_pack_microbatches_packed_bounds_real_tokens():
+    """``packed``: sequences end to end, so a microbatch costs the sum of its lengths, not rows x longest."""
+    lengths = [100, 30, 60, 60, 20, 90, 10]
+    bins = pack_microbatches(lengths, capacity_tokens=200, packed=True)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 200 for b in bins)
+    assert len(bins) == 2  # 370 tokens: two microbatches, where padding needs three
+    assert len(pack_microbatches(lengths, capacity_tokens=200)) == 3
+
+
 def test_pack_microbatches_balances_random_lengths():
     rng = random.Random(1)
     lengths = [rng.randint(5, 64) for _ in range(200)]
