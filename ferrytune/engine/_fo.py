@@ -23,6 +23,9 @@ computes, and the base is never written (blocks are released clean).
 The adapters (``ferrytune.lora`` forward hooks) run inside the layer and receive their
 gradients in its backward.
 
+A layer-major step (``_layer_major.py``) runs the layers itself, every micro-batch per layer
+visit, through ``layer_calls`` and the same ``saving`` hooks.
+
 The outer block (embedding, final norm, head) is held from the first forward of
 a step to the end of its last backward: autograd needs the head's weight for the
 backward of the logits.
@@ -43,10 +46,14 @@ from ferrytune.offload import BlockStreamer
 
 
 def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,
-               refetch: set[str] | None = None) -> list[str]:
+               refetch: set[str] | None = None, layer_major: bool = False) -> list[str]:
     """Visiting order of a step: outer once, then per micro-batch the layers forward and, for
-    backward, the ones fetched again (``refetch``; default all) in reverse."""
+    backward, the ones fetched again (``refetch``; default all) in reverse. ``layer_major``: the
+    layers once forward and once in reverse, whatever ``num_micro`` (every micro-batch passes a
+    layer while it is on the device; every layer is fetched again)."""
     layers = layout.layer_blocks
+    if layer_major:
+        return [OUTER] + layers + (layers[::-1] if backward else [])
     again = [b for b in layers[::-1] if refetch is None or b in refetch] if backward else []
     return [OUTER] + (layers + again) * num_micro
 
@@ -92,10 +99,12 @@ class FOEngine:
         self.weight_refs = 0
         self.kept_bytes = 0
         self._held: dict[str, torch.Tensor] = {}  # block -> working copy fetched for a kept backward
+        self.layer_calls: Callable[..., Any] | None = None  # a layer-major step's handler of layer calls
 
     # --------------------------------------------------------------- passes
-    def begin_step(self, num_micro: int, *, backward: bool = True) -> None:
-        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch))
+    def begin_step(self, num_micro: int, *, backward: bool = True, layer_major: bool = False) -> None:
+        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch,
+                                            layer_major=layer_major))
         self._outer = self.streamer.acquire(OUTER)
         _bind_block(self.layout, OUTER, self._outer)
 
@@ -118,6 +127,8 @@ class FOEngine:
 
     # ------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self.layer_calls is not None and unit.block_id != OUTER:  # a layer-major step (_layer_major.py)
+            return self.layer_calls(unit, orig, args, kwargs)
         if not torch.is_grad_enabled():  # no backward: fetch, run (per slice), release
             return self._run_no_grad(unit, orig, args, kwargs)
         if unit.block_id == OUTER:
@@ -180,14 +191,14 @@ class FOEngine:
     def _run_kept(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
         b = unit.block_id
         h = hidden.detach().requires_grad_(True)  # the layer's own graph starts here
-        out = self.run_layer(unit, orig, h, rest, kwargs, hooks=lambda flat: self._saving(b, flat))
+        out = self.run_layer(unit, orig, h, rest, kwargs, hooks=lambda flat: self.saving(b, flat))
         self.streamer.release(b, dirty=False)  # the slot serves the next block now
         main, extra = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         state = _KeptState(self, b, h, main)
         out_main = _KeptLayer.apply(state, hidden)
         return out_main if extra is None else (out_main, *extra)
 
-    def _saving(self, block: str, flat: torch.Tensor):
+    def saving(self, block: str, flat: torch.Tensor):
         """saved_tensors_hooks for one kept layer's forward: tensors in ``flat``'s memory leave as references."""
         storage = flat.untyped_storage().data_ptr()
         base, n = flat.storage_offset(), flat.numel()
