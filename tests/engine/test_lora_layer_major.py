@@ -146,3 +146,12 @@ def test_layer_major_equals_micro_major_on_other_architectures(tiny_models, cfg_
     assert lm[4].accumulation == "layer_major"
     _assert_same(lm, micro)
     assert lm[2][1:] == [x // 2 for x in micro[2][1:]], "half the reads of micro-major with 2 micro-batches"
+
+
+def test_layer_major_equals_micro_major_with_a_bf16_store(tiny_models, cfg_factory):
+    path = tiny_models("llama", layers=3, hidden=32)
+    off, store = {"tier": "nvme", "prefetch_depth": 1}, {"store_dtype": "bfloat16"}
+    micro = _train(_cfg(cfg_factory, path, dict(off), micro=2, acc="micro_major", model=store))
+    lm = _train(_cfg(cfg_factory, path, dict(off), micro=2, model=store))
+    assert lm[4].accumulation == "layer_major"
+    _assert_same(lm, micro)
