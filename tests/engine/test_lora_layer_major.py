@@ -6,7 +6,8 @@
 * the adapters after a few steps equal micro-batch-major ones and resident LoRA bit for bit
   (host and NVMe tiers, fp32 store, dropout on, kept and recomputed layers): each (layer,
   micro-batch) runs the same arithmetic with the same dropout masks, and every adapter gradient
-  accumulates over micro-batches in the same order;
+  accumulates over micro-batches in the same order; also with a bf16 store and on qwen2, OPT and
+  GPT-2 (base dropout on);
 * an activation budget that cannot hold the hidden states between layers of all micro-batches
   falls back to micro-batch-major order (the plan says why), one that holds them but not every
   layer's kept activations recomputes inside those layers; both still equal resident.
