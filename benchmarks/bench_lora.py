@@ -254,6 +254,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument("--accumulation", action="store_true",
                    help="the train.accumulation benchmark (bytes per step against M, layer- vs micro-major time)")
+    p.add_argument("--micro-batches", default="1,2,4", help="with --accumulation: the M to run (the largest is timed)")
     args = p.parse_args()
     if args.accumulation:
         return accumulation_bench(args)
@@ -467,7 +468,7 @@ def accumulation_bench(args) -> int:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    ms = (1, 2, 4)
+    ms = tuple(int(x) for x in args.micro_batches.split(","))
     steps = args.warmup_steps + args.rounds * args.steps
     data = make_bench_data(Path(args.src_data), work / "data", rows=args.batch_size * max(ms) * (steps + 2),
                            model=args.model, seq_len=args.seq_len)
