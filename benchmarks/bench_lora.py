@@ -25,6 +25,16 @@ Variants (all alive at once, run in turn: one round = each variant for ``--steps
                      the recompute before the engine skipped it for resident blocks (commit 37f020e);
                      since then it is a control that must equal ``ft_resident``.
 
+``--accumulation`` runs the gradient-accumulation benchmark instead (``train.accumulation``):
+NVMe tier, fp32 store, micro-batches of ``--batch-size`` x ``--seq-len`` (8 x 64), for M = 1, 2, 4
+micro-batches per step in both orders: the base bytes read per step (the streamer's NVMe
+counter, steps after the first, which also reads the outer block) against M — flat for
+``layer_major``, M times one pass for ``micro_major`` (M = 1, 2: one measured step) — and the
+step time of layer-major vs micro-major at M = 4, ``--rounds`` rounds of ``--steps`` steps each,
+in alternating turns within each round (ratio per round: the machine's load moves both). Writes ``bench-out/lora_accumulation.json``::
+
+    python benchmarks/bench_lora.py --accumulation --model /path/SmolLM2-135M --work /scratch/bench
+
 Per round the raw disk read bandwidth of the same directory is measured with
 the best of parallel ``fio`` settings (``_common.disk_ceiling``; ``dd iflag=direct`` without fio)
 (the disk-bound limit of a step = NVMe bytes per step / that bandwidth).
@@ -242,7 +252,12 @@ def main() -> int:
     p.add_argument("--io-threads", type=int, default=8)
     p.add_argument("--out", default=str(REPO / "bench-out/lora.json"))
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    p.add_argument("--accumulation", action="store_true",
+                   help="the train.accumulation benchmark (bytes per step against M, layer- vs micro-major time)")
+    p.add_argument("--micro-batches", default="1,2,4", help="with --accumulation: the M to run (the largest is timed)")
     args = p.parse_args()
+    if args.accumulation:
+        return accumulation_bench(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ALL]
     if bad:
@@ -435,6 +450,118 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
+    for tr in trainers.values():
+        tr.close()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def accumulation_bench(args) -> int:
+    """``--accumulation``: see the module docstring."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ferrytune.config import config_from_dict
+    from ferrytune.engine import LoraTrainer
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ms = tuple(int(x) for x in args.micro_batches.split(","))
+    steps = args.warmup_steps + args.rounds * args.steps
+    data = make_bench_data(Path(args.src_data), work / "data", rows=args.batch_size * max(ms) * (steps + 2),
+                           model=args.model, seq_len=args.seq_len)
+
+    def cfg(acc: str, m: int):
+        name = f"{acc}_M{m}"
+        return name, config_from_dict({
+            "method": "lora",
+            "model": {"path": args.model, "compute_dtype": "float32", "store_dtype": "float32"},
+            "data": {"train": str(data), "max_length": args.seq_len, "shuffle": False},
+            "train": {"steps": steps, "batch_size": args.batch_size * m, "micro_batch_size": args.batch_size,
+                      "seed": 0, "lr": args.lr, "grad_clip": 1.0, "accumulation": acc},
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "offload": {"tier": "nvme", "prefetch_depth": args.prefetch_depth, "io_threads": args.io_threads,
+                        "host_budget_gib": 4.0, "nvme_dir": str(work / f"store_{name}")},
+            "output_dir": str(work / f"run_{name}"), "resume": "never", "overwrite": True, "device": "cpu"})
+
+    trainers = {}
+    for acc in ("layer_major", "micro_major"):
+        for m in ms:
+            name, c = cfg(acc, m)
+            tr = LoraTrainer(c)
+            tr.setup()
+            assert tr.rt.plan.accumulation == (acc if m > 1 else "micro_major"), tr.rt.plan.describe()
+            trainers[name] = tr
+            acc_line = next(x for x in tr.rt.plan.describe().splitlines() if x.startswith("accumulation:"))
+            print(f"  {name}: {acc_line}", flush=True)
+    cursor = {n: 0 for n in trainers}
+    recs: dict[str, list[dict]] = {n: [] for n in trainers}
+
+    def one_step(name: str) -> dict:
+        tr = trainers[name]
+        before = tr.rt.streamer.stats.snapshot()
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step_loss(tr.train_step(cursor[name]))
+        rec = {"step": cursor[name], "loss": loss, "step_s": time.perf_counter() - t0,
+               "cpu_s": time.process_time() - c0,
+               "bytes_read_nvme": tr.rt.streamer.stats.snapshot()["bytes_read"]["nvme"] - before["bytes_read"]["nvme"]}
+        cursor[name] += 1
+        recs[name].append(rec)
+        return rec
+
+    for _ in range(args.warmup_steps):  # the first step also reads the outer block
+        for name in trainers:
+            one_step(name)
+    for name in trainers:  # M = 1, 2: one measured step each (the bytes; M = 4 is timed in rounds)
+        if not name.endswith(f"M{max(ms)}"):
+            one_step(name)
+    rounds = []
+    timed = [f"layer_major_M{max(ms)}", f"micro_major_M{max(ms)}"]
+    for r in range(args.rounds):
+        rd = {}
+        for name in (timed if r % 2 == 0 else timed[::-1]):
+            rd[name] = [one_step(name) for _ in range(args.steps)]
+        rounds.append(rd)
+        lm, mm = (statistics.median(x["step_s"] for x in rd[n]) for n in timed)
+        print(f"round {r}: step layer_major {lm:.2f} s, micro_major {mm:.2f} s, micro/layer {mm / lm:.2f}", flush=True)
+
+    def med(name: str, key: str, rows=None) -> float:
+        return statistics.median(x[key] for x in (rows if rows is not None else recs[name][args.warmup_steps:]))
+
+    print()
+    print(f"SmolLM2-135M, LoRA r=8 q,v, NVMe fp32, micro-batch {args.batch_size} x {args.seq_len}, "
+          f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps")
+    print("| M | layer_major read/step | micro_major read/step | layer_major step s | micro_major step s |")
+    print("|---|---|---|---|---|")
+    table = {}
+    for m in ms:
+        lm, mm = f"layer_major_M{m}", f"micro_major_M{m}"
+        table[m] = {k: med(n, key) for k, n, key in (("layer_major_bytes", lm, "bytes_read_nvme"),
+                                                     ("micro_major_bytes", mm, "bytes_read_nvme"),
+                                                     ("layer_major_step_s", lm, "step_s"),
+                                                     ("micro_major_step_s", mm, "step_s"))}
+        t = table[m]
+        print(f"| {m} | {t['layer_major_bytes'] / 1e6:.0f} MB | {t['micro_major_bytes'] / 1e6:.0f} MB | "
+              f"{t['layer_major_step_s']:.2f} | {t['micro_major_step_s']:.2f} |")
+    ratios = [statistics.median(x["step_s"] for x in rd[timed[1]]) / statistics.median(x["step_s"] for x in rd[timed[0]])
+              for rd in rounds]
+    cpu = [statistics.median(x["cpu_s"] for x in rd[timed[1]]) / statistics.median(x["cpu_s"] for x in rd[timed[0]])
+           for rd in rounds]
+    print(f"M=4 speed of layer_major over micro_major (micro step s / layer step s, per round): "
+          f"{[round(x, 2) for x in ratios]}, CPU time: {[round(x, 2) for x in cpu]}")
+    losses = {n: [x["loss"] for x in recs[n]] for n in trainers}
+    same = {m: losses[f"layer_major_M{m}"] == losses[f"micro_major_M{m}"] for m in ms}
+    print(f"losses layer_major == micro_major, step by step: {same}")
+    out = {"benchmark": "lora_accumulation", "settings": vars(args),
+           "machine": {"nproc": os.cpu_count(), "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
+           "table": table, "speed_layer_over_micro_M4": ratios, "cpu_speed_layer_over_micro_M4": cpu,
+           "losses": losses, "losses_equal": same, "records": recs}
+    dest = Path(args.out).with_name("lora_accumulation.json") if args.out.endswith("lora.json") else Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2))
+    print(f"wrote {dest}")
     for tr in trainers.values():
         tr.close()
     if not args.keep:

@@ -103,6 +103,13 @@ class TrainLoopConfig(_Section):
                              "parameter, 1 second moment per row); sgd_sai (SGD-SaI: momentum, a per-tensor lr scale "
                              "fixed from the first gradient's SNR). Method lora only")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (lora only); null = off")
+    accumulation: Literal["micro_major", "layer_major", "auto"] = Field(
+        "micro_major", description="method lora: order of a step's micro-batches. micro_major: each micro-batch runs "
+                                   "its whole forward and backward in turn (the base is read once per micro-batch); "
+                                   "layer_major: every micro-batch passes a layer while it is on the device (the "
+                                   "base is read once per step), if the activation budget holds the hidden states "
+                                   "between layers of all micro-batches, else micro_major (logged); auto: "
+                                   "layer_major when a rank runs more than one micro-batch per step")
     eval_every_steps: int | None = Field(None, gt=0, description="evaluate every N steps; null = only at the end")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="checkpoint every N steps; null = only the final one")
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep on disk")
@@ -310,6 +317,9 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
     if cfg.method == "zo" and t.optimizer != "adamw":
         problems.append(("train.optimizer", f"{t.optimizer!r} applies to method: lora only (zo updates with "
                                             "zo.update and zo.momentum, also with zo.trainable: lora); remove it"))
+    if cfg.method != "lora" and t.accumulation != "micro_major":
+        problems.append(("train.accumulation", f"{t.accumulation!r} applies to method: lora only (zo has no "
+                                               "backward to reorder); remove it"))
     for key in ("block_fraction", "mask_fraction"):
         if cfg.method == "zo" and cfg.zo.trainable == "lora" and getattr(cfg.zo, key) < 1:
             problems.append((f"zo.{key}", "applies to zo.trainable: all (the streamed blocks); set it to 1 with "
@@ -320,6 +330,12 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         problems += _hizoo_problems(cfg)
     if cfg.method == "zo" and cfg.zo.estimator != "hizoo" and "hessian_smooth" in cfg.zo.model_fields_set:
         problems.append(("zo.hessian_smooth", "applies to zo.estimator: hizoo only; remove it"))
+    if cfg.train.accumulation == "layer_major" and cfg.data.packing:
+        problems.append(("train.accumulation", "layer_major does not run packed rows yet (data.packing: true); "
+                                               "use micro_major or auto"))
+    if cfg.train.accumulation == "layer_major" and cfg.offload.routed_experts:
+        problems.append(("train.accumulation", "layer_major does not run routed-only MoE reads yet "
+                                               "(offload.routed_experts: true); use micro_major or auto"))
     if cfg.data.packing and cfg.method != "lora":
         problems.append(("data.packing", f"packs sequences for method: lora only (got method: {cfg.method}); "
                                          "set it to false"))

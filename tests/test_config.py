@@ -174,3 +174,14 @@ def test_data_parallel_defaults_as_torchrun_users_expect(cfg_file):
         assert resolve_world_size(cfg, 2).parallel == cfg.parallel
     with pytest.raises(ConfigError, match=r"^train.batch_size: 7 examples per step cannot be shared evenly by the 2 processes"):
         resolve_world_size(load_config(cfg_file(), ["train.batch_size=7"]), 2)
+
+
+def test_accumulation_is_a_lora_option_with_one_line_errors(cfg_file):
+    assert load_config(cfg_file(), []).train.accumulation == "micro_major"
+    assert load_config(cfg_file(), ["train.accumulation=auto"]).train.accumulation == "auto"
+    with pytest.raises(ConfigError, match=r"train.accumulation: 'layer_major' applies to method: lora only") as e:
+        load_config(cfg_file(), ["method=zo", "train.accumulation=layer_major"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="train.accumulation") as e:
+        load_config(cfg_file(), ["train.accumulation=layers"])
+    assert "\n" not in str(e.value)

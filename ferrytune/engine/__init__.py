@@ -5,8 +5,9 @@
 * ``ZOEngine`` (``_zo.py``): the ZO2-style pass (both perturbed forwards while a block is on
   the device), over the arithmetic of ``_zo_math.py``; ``FOEngine`` (``_fo.py``): a streamed
   forward and a backward that keeps each layer's activations or recomputes them, as the plan
-  says; ``layer_activation_bytes`` / ``lora_activation_estimate`` (``_activations.py``): the
-  planner's activation estimate;
+  says, in micro-batch-major or layer-major order (``train.accumulation``);
+  ``layer_activation_bytes`` / ``lora_activation_estimate`` / ``lora_runtime_args``
+  (``_activations.py``): the planner's activation estimate and accumulation order;
 * trainers on one step loop (``StepLoop``, ``_loop.py``): ``ZOTrainer``, ``LoraTrainer``,
   ``ZOLoraTrainer`` (MeZO on the adapter), and ``MultiLoraTrainer`` (packed jobs, the service's);
 * the LoRA trainers' optimizers (``_optim.py``): ``build_optimizer`` (``train.optimizer``: AdamW,
@@ -14,7 +15,7 @@
 * checkpoints (``_checkpoint.py``), metrics (``_metrics.py``), schedules (``_schedule.py``).
 """
 
-from ferrytune.engine._activations import layer_activation_bytes, lora_activation_estimate
+from ferrytune.engine._activations import layer_activation_bytes, lora_activation_estimate, lora_runtime_args
 from ferrytune.engine._checkpoint import STATE_NAME, list_checkpoints, read_state
 from ferrytune.engine._fo import FOEngine
 from ferrytune.engine._loop import RUN_FILES, StepLoop, StepResult, TrainResult
@@ -40,7 +41,7 @@ __all__ = [
     "AdamMini", "CHAIN", "CHECKPOINT_NAME", "FOEngine", "LoraTrainer", "MultiLoraTrainer", "OPTIMIZERS", "Packer",
     "RUN_FILES", "Runtime", "SGDSaI", "STATE_NAME", "StepLoop", "StepResult", "TrainResult", "ZOEngine", "ZOHyper",
     "ZOLoraTrainer", "ZOTrainer", "active_blocks", "build_base_runtime", "build_optimizer", "build_runtime",
-    "check_device", "layer_activation_bytes", "list_checkpoints", "lora_activation_estimate", "lr_at",
+    "check_device", "layer_activation_bytes", "list_checkpoints", "lora_activation_estimate", "lora_runtime_args", "lr_at",
     "optimizer_state_bytes", "read_state",
     "trainer_class", "weights_from", "zo_update_",
 ]

@@ -56,6 +56,25 @@ def _layer_of(path: str) -> str:
     return path
 
 
+def boundary_activation_bytes(layout: ModelLayout, *, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of one ``rows x tokens`` micro-batch's hidden state between two decoder layers (what a
+    layer-major step holds per layer per micro-batch besides the kept activations: the layer's input
+    and, until its backward, the gradient flowing into its output)."""
+    c = layout.model.config
+    c = getattr(c, "get_text_config", lambda: c)()
+    return 2 * int(c.hidden_size) * rows * tokens * torch.empty((), dtype=dtype).element_size()
+
+
+def lora_boundary_estimate(cfg):
+    """The ``boundary_estimate`` of ``build_runtime`` for a run config (method lora)."""
+    rows, tokens = cfg.train.effective_micro_batch_size, cfg.data.max_length
+
+    def estimate(layout: ModelLayout, dtype: torch.dtype) -> int:
+        return boundary_activation_bytes(layout, rows=rows, tokens=tokens, dtype=dtype)
+
+    return estimate
+
+
 def lora_activation_estimate(cfg):
     """The ``activation_estimate`` of ``build_runtime`` for a run config (method lora): one
     micro-batch of ``train.micro_batch_size`` rows of ``data.max_length`` tokens; with
@@ -69,3 +88,11 @@ def lora_activation_estimate(cfg):
         return layer_activation_bytes(layout, spec, rows=rows, tokens=tokens, dtype=dtype)
 
     return estimate
+
+
+def lora_runtime_args(cfg) -> dict:
+    """``build_runtime``'s keyword arguments for a backward (method lora): the activation and
+    hidden-state estimates, and ``train.accumulation`` with this rank's micro-batches per step."""
+    return {"activation_estimate": lora_activation_estimate(cfg), "accumulation": cfg.train.accumulation,
+            "num_micro": cfg.train.num_micro_batches // cfg.parallel.data,
+            "boundary_estimate": lora_boundary_estimate(cfg)}

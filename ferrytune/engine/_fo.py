@@ -30,6 +30,9 @@ those experts (``fetch_experts``) before the experts run, so the unrouted expert
 tensors are never read. A kept layer's backward fetches the experts its forward routed to (the
 saved weight references point into them); a recomputed layer routes again, identically.
 
+A layer-major step (``_layer_major.py``) runs the layers itself, every micro-batch per layer
+visit, through ``layer_calls`` and the same ``saving`` hooks.
+
 The outer block (embedding, final norm, head) is held from the first forward of
 a step to the end of its last backward: autograd needs the head's weight for the
 backward of the logits.
@@ -50,10 +53,14 @@ from ferrytune.offload import BlockStreamer
 
 
 def step_order(layout: ModelLayout, num_micro: int, *, backward: bool = True,
-               refetch: set[str] | None = None) -> list[str]:
+               refetch: set[str] | None = None, layer_major: bool = False) -> list[str]:
     """Visiting order of a step: outer once, then per micro-batch the layers forward and, for
-    backward, the ones fetched again (``refetch``; default all) in reverse."""
+    backward, the ones fetched again (``refetch``; default all) in reverse. ``layer_major``: the
+    layers once forward and once in reverse, whatever ``num_micro`` (every micro-batch passes a
+    layer while it is on the device; every layer is fetched again)."""
     layers = layout.layer_blocks
+    if layer_major:
+        return [OUTER] + layers + (layers[::-1] if backward else [])
     again = [b for b in layers[::-1] if refetch is None or b in refetch] if backward else []
     return [OUTER] + (layers + again) * num_micro
 
@@ -122,11 +129,12 @@ class FOEngine:
                 if spec.experts is not None and b in streamer.expert_ranges:
                     self._expert_hooks.append(spec.experts.module.register_forward_pre_hook(
                         self._routing_hook(b, spec.experts.num_experts), with_kwargs=True))
+        self.layer_calls: Callable[..., Any] | None = None  # a layer-major step's handler of layer calls
 
     # --------------------------------------------------------------- passes
-    def begin_step(self, num_micro: int, *, backward: bool = True) -> None:
-        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch),
-                                 routed=bool(self._expert_hooks))
+    def begin_step(self, num_micro: int, *, backward: bool = True, layer_major: bool = False) -> None:
+        self.streamer.start_pass(step_order(self.layout, num_micro, backward=backward, refetch=self.refetch,
+                                            layer_major=layer_major), routed=bool(self._expert_hooks))
         self._outer = self.streamer.acquire(OUTER)
         _bind_block(self.layout, OUTER, self._outer)
 
@@ -163,6 +171,8 @@ class FOEngine:
 
     # ------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self.layer_calls is not None and unit.block_id != OUTER:  # a layer-major step (_layer_major.py)
+            return self.layer_calls(unit, orig, args, kwargs)
         if not torch.is_grad_enabled():  # no backward: fetch, run (per slice), release
             return self._run_no_grad(unit, orig, args, kwargs)
         if unit.block_id == OUTER:
@@ -226,7 +236,7 @@ class FOEngine:
     def _run_kept(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
         b = unit.block_id
         h = hidden.detach().requires_grad_(True)  # the layer's own graph starts here
-        out = self.run_layer(unit, orig, h, rest, kwargs, hooks=lambda flat: self._saving(b, flat))
+        out = self.run_layer(unit, orig, h, rest, kwargs, hooks=lambda flat: self.saving(b, flat))
         self.streamer.release(b, dirty=False)  # the slot serves the next block now
         main, extra = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         state = _KeptState(self, b, h, main)
@@ -234,7 +244,7 @@ class FOEngine:
         out_main = _KeptLayer.apply(state, hidden)
         return out_main if extra is None else (out_main, *extra)
 
-    def _saving(self, block: str, flat: torch.Tensor):
+    def saving(self, block: str, flat: torch.Tensor):
         """saved_tensors_hooks for one kept layer's forward: tensors in ``flat``'s memory leave as references."""
         storage = flat.untyped_storage().data_ptr()
         base, n = flat.storage_offset(), flat.numel()

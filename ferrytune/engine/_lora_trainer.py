@@ -2,7 +2,9 @@
 
 Per step: for each of this rank's micro-batches, a streamed forward (blocks in
 order) and a backward (blocks fetched again in reverse; each layer's activations kept
-or, where the plan says so, recomputed); the loss of
+or, where the plan says so, recomputed) — or, with ``train.accumulation: layer_major``
+where the plan allows it, every micro-batch through each layer while it is on the device,
+forward and backward (``_layer_major.py``: the base read once per step); the loss of
 a micro-batch is the sum of its per-sample losses over the *global* batch size,
 so summing gradients over micro-batches and ranks gives the gradient of the
 global mean. Ranks all-reduce the (small) LoRA gradients once per step — the
@@ -34,9 +36,10 @@ import torch
 from ferrytune.data import collate, collate_packed, correct_per_sample, eval_batches
 from ferrytune.data import loss_per_sample
 from ferrytune.atomic import fsync_dir, write_atomic_json
-from ferrytune.engine._activations import lora_activation_estimate
+from ferrytune.engine._activations import lora_activation_estimate, lora_runtime_args
 from ferrytune.engine._checkpoint import checkpoint_dir, prune_checkpoints
 from ferrytune.engine._fo import FOEngine, check_packing_supported
+from ferrytune.engine._layer_major import LayerMajorStep
 from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._optim import build_optimizer, load_optimizer_state
 from ferrytune.engine._runtime import build_runtime, weights_from
@@ -70,10 +73,15 @@ class LoraTrainer(StepLoop):
             raise ConfigError("parallel.sliced_loading: implemented for method: zo only; set it to false for lora")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         self._resolve_resume("lora")
-        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir(),
-                                activation_estimate=self._activation_estimate())
+        estimate = self._activation_estimate()  # None: no backward (ZOLoraTrainer)
+        extra = {} if estimate is None else {**lora_runtime_args(cfg), "activation_estimate": estimate}
+        self.rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=self.nvme_subdir(), **extra)
         rt = self.rt
         logger.info("plan:\n%s", rt.plan.describe())
+        if cfg.train.accumulation != "micro_major" and rt.plan.accumulation != "layer_major":
+            several = cfg.train.num_micro_batches > cfg.parallel.data  # else both orders are the same
+            logger.log(logging.WARNING if several else logging.INFO, "running micro_major: %s",
+                       rt.plan.accumulation_why)
         rt.streamer.open(weights_from(cfg.model.path, rt.layout))  # the base is read-only: always model.path
         self.engine = FOEngine(rt.layout, rt.streamer, device=rt.device)
         model = rt.layout.model
@@ -118,21 +126,27 @@ class LoraTrainer(StepLoop):
         self.optim.zero_grad(set_to_none=False)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         world, rank = self.mesh.data, self.mesh.dp_rank
-        self.engine.begin_step(len(micro))
+        # auto never picks layer-major for packed rows or routed-only MoE reads (config refuses asking for it)
+        layer_major = (self.rt.plan.accumulation == "layer_major" and len(micro) > 1 and not self.cfg.data.packing
+                       and not self.cfg.offload.routed_experts)
+        self.engine.begin_step(len(micro), layer_major=layer_major)
         try:
-            for i, mb in enumerate(micro):
-                # Dropout masks depend on (seed, step, global micro-batch) only: identical on any
-                # number of ranks and after a resume.
-                torch.manual_seed(micro_seed(t.seed, step, i * world + rank))
-                b = mb.to(dev)
-                if self.cfg.data.packing:
-                    logits = self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
-                else:
-                    logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
-                per = loss_per_sample(logits, b)  # (B,): per sequence, packed or not
-                loss = per.sum() / t.batch_size
-                loss.backward()
-                loss_sum += float(per.detach().sum())
+            if layer_major:
+                loss_sum += self._layer_major(step, micro)
+            else:
+                for i, mb in enumerate(micro):
+                    # Dropout masks depend on (seed, step, global micro-batch) only: identical on any
+                    # number of ranks and after a resume.
+                    torch.manual_seed(micro_seed(t.seed, step, i * world + rank))
+                    b = mb.to(dev)
+                    if self.cfg.data.packing:
+                        logits = self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
+                    else:
+                        logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
+                    per = loss_per_sample(logits, b)  # (B,): per sequence, packed or not
+                    loss = per.sum() / t.batch_size
+                    loss.backward()
+                    loss_sum += float(per.detach().sum())
         except BaseException:
             self.engine.end_step(failed=True)
             raise
@@ -152,6 +166,23 @@ class LoraTrainer(StepLoop):
             real, padded = sum(int(m.attention_mask.sum()) for m in micro), sum(m.input_ids.numel() for m in micro)
         # tokens the forwards computed (padding included) beside the real ones, this rank
         return StepResult(loss, lr_at(step, t), real, {"real_tokens": real, "padded_tokens": padded})
+
+    def _layer_major(self, step: int, micro: list) -> float:
+        """The micro-batches of a step in layer-major order (``_layer_major.py``); the same seeds and
+        losses as the micro-batch-major loop of ``train_step``. Returns the sum of per-sample losses."""
+        t, dev = self.cfg.train, self.rt.device
+        world, rank = self.mesh.data, self.mesh.dp_rank
+        batches = [mb.to(dev) for mb in micro]
+        total = [0.0]
+
+        def loss(i: int, logits: torch.Tensor) -> torch.Tensor:
+            per = loss_per_sample(logits, batches[i])
+            total[0] += float(per.detach().sum())
+            return per.sum() / t.batch_size
+
+        LayerMajorStep(self.engine).run([(b.input_ids, b.attention_mask, b.loss_positions) for b in batches],
+                                        lambda i: torch.manual_seed(micro_seed(t.seed, step, i * world + rank)), loss)
+        return total[0]
 
     def _reduce_grads(self) -> None:
         if not self.mesh.distributed:

@@ -45,7 +45,8 @@ def resolve_dtypes(model: ModelConfig, layout: ModelLayout) -> tuple[torch.dtype
 
 
 def plan_for(off: OffloadConfig, layout: ModelLayout, *, compute: torch.dtype, store: torch.dtype,
-             device: torch.device, tier: str | None = None, activation_bytes: int | None = None) -> Plan:
+             device: torch.device, tier: str | None = None, activation_bytes: int | None = None,
+             accumulation: str = "micro_major", num_micro: int = 1, boundary_bytes: int | None = None) -> Plan:
     es, ec = _esize(store), _esize(compute)
     sizes = {b: BlockSize(s.numel * es, s.numel * ec) for b, s in layout.blocks.items()}
     return make_plan(
@@ -54,7 +55,8 @@ def plan_for(off: OffloadConfig, layout: ModelLayout, *, compute: torch.dtype, s
         host_budget_bytes=int(off.host_budget_gib * GIB),
         zero_copy=store == compute and (device.type == "cpu" or (tier or off.tier) == "resident"),
         activation_bytes_per_layer=activation_bytes,
-        activation_budget_bytes=None if off.activation_budget_gib is None else int(off.activation_budget_gib * GIB))
+        activation_budget_bytes=None if off.activation_budget_gib is None else int(off.activation_budget_gib * GIB),
+        accumulation=accumulation, num_micro=num_micro, boundary_bytes_per_layer=boundary_bytes)
 
 
 def build_base_runtime(model_path: str, offload: OffloadConfig, *, device: str = "cpu",
@@ -66,11 +68,16 @@ def build_base_runtime(model_path: str, offload: OffloadConfig, *, device: str =
 
 def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nvme_subdir: str | None = None,
                   tier: str | None = None, store_dtype: torch.dtype | None = None, sliced_over=None,
-                  activation_estimate: Callable[[ModelLayout, torch.dtype], int] | None = None) -> Runtime:
+                  activation_estimate: Callable[[ModelLayout, torch.dtype], int] | None = None,
+                  accumulation: str = "micro_major", num_micro: int = 1,
+                  boundary_estimate: Callable[[ModelLayout, torch.dtype], int] | None = None) -> Runtime:
     """Layout + plan + an unopened streamer for ``model`` placed by ``offload`` (no weights read yet).
 
     ``activation_estimate(layout, compute_dtype)``: bytes one layer keeps for backward per
     micro-batch (a backward's trainer passes it; the planner then keeps or recomputes per layer).
+    ``accumulation`` / ``num_micro`` (micro-batches per step of one rank) / ``boundary_estimate``
+    (bytes of one micro-batch's hidden state between two layers): the planner's choice of
+    ``train.accumulation`` (``Plan.accumulation``).
 
     ``sliced_over``: a distributed ``Mesh`` whose ranks each keep 1/N of every host/NVMe block
     (``parallel.sliced_loading``); collective when given."""
@@ -79,7 +86,9 @@ def build_runtime(model: ModelConfig, offload: OffloadConfig, *, device: str, nv
     store = store_dtype or store
     device = torch.device(device)
     act = None if activation_estimate is None else activation_estimate(layout, compute)
-    plan = plan_for(offload, layout, compute=compute, store=store, device=device, tier=tier, activation_bytes=act)
+    boundary = None if boundary_estimate is None else boundary_estimate(layout, compute)
+    plan = plan_for(offload, layout, compute=compute, store=store, device=device, tier=tier, activation_bytes=act,
+                    accumulation=accumulation, num_micro=num_micro, boundary_bytes=boundary)
     nvme_dir = offload.nvme_dir
     if nvme_dir and nvme_subdir:
         nvme_dir = str(Path(nvme_dir) / nvme_subdir)

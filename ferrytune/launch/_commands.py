@@ -61,11 +61,11 @@ def eval_command(args) -> int:
 
 
 def plan_command(args) -> int:
-    from ferrytune.engine import build_runtime, lora_activation_estimate
+    from ferrytune.engine import build_runtime, lora_runtime_args
 
     cfg = load_config(args.config, args.overrides)
-    estimate = lora_activation_estimate(cfg) if cfg.method == "lora" else None  # a backward keeps activations
-    rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, activation_estimate=estimate)
+    extra = lora_runtime_args(cfg) if cfg.method == "lora" else {}  # a backward keeps activations
+    rt = build_runtime(cfg.model, cfg.offload, device=cfg.device, **extra)
     layout = rt.layout
     n = sum(p.numel for p in layout.params)
     print(f"model: {cfg.model.path}  params: {n / 1e6:.1f}M  blocks: {len(layout.blocks)} "

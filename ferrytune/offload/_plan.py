@@ -20,6 +20,15 @@ theirs, earliest first, while the estimate (``activation_bytes_per_layer``, one 
 fits the activation budget — ``offload.activation_budget_gib``, by default what the device
 budget leaves after the blocks and the ring (no limit without a device budget); the rest
 recompute.
+
+With several micro-batches per step the planner also picks the step's **accumulation order**
+(``accumulation``): ``micro_major`` runs each micro-batch's forward and backward in turn (the
+base is read once per micro-batch); ``layer_major`` runs every micro-batch through a layer while
+its block is on the device (read once per step). Layer-major holds the hidden states between
+layers of all ``num_micro`` micro-batches (``boundary_bytes_per_layer`` each, per layer) and the
+kept activations of all of them: it is chosen when the budget holds the hidden states, and then
+layers keep theirs, earliest first, while ``num_micro`` micro-batches' worth fits what is left
+(the rest recompute inside the layer); otherwise the step stays micro-major and ``accumulation_why`` says why.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ class Plan:
     keep: list[str] | None = None
     activation_bytes_per_layer: int | None = None  # the estimate for one micro-batch; None = not estimated
     activation_budget_bytes: int | None = None  # None = no limit
+    accumulation: str = "micro_major"  # the order a step runs: micro_major or layer_major
+    accumulation_why: str = ""  # why, when it differs from the one asked for (or how it fits)
 
     def count(self, tier: Tier) -> int:
         return sum(1 for t in self.home.values() if t == tier)
@@ -93,7 +104,8 @@ class Plan:
                    f"{len(keep) * self.activation_bytes_per_layer / GIB:.3f} GiB kept")
         which = f" (recompute: {', '.join(recompute)})" if recompute and len(recompute) < len(layers) else ""
         return (f"backward: keep activations of {len(keep)} layers, recompute {len(recompute)}{which}; "
-                f"activations {est}; activation budget {budget}")
+                f"activations {est}; activation budget {budget}\n"
+                f"accumulation: {self.accumulation}" + (f" ({self.accumulation_why})" if self.accumulation_why else ""))
 
 
 def _page(n: int) -> int:
@@ -102,7 +114,9 @@ def _page(n: int) -> int:
 
 def make_plan(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, prefetch_depth: int,
               device_budget_bytes: int | None, host_budget_bytes: int | None, zero_copy: bool,
-              activation_bytes_per_layer: int | None = None, activation_budget_bytes: int | None = None) -> Plan:
+              activation_bytes_per_layer: int | None = None, activation_budget_bytes: int | None = None,
+              accumulation: str = "micro_major", num_micro: int = 1,
+              boundary_bytes_per_layer: int | None = None) -> Plan:
     """Place blocks and choose, per layer, kept or recomputed activations; raise PlanError naming
     the budget that cannot hold the working set.
 
@@ -116,7 +130,14 @@ def make_plan(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, pref
     if budget is None and device_budget_bytes is not None:
         budget = max(device_budget_bytes - plan.device_bytes, 0)
     layers = [b for b in blocks if b != outer_block]
-    if budget is None:
+    order, why = _accumulation(accumulation, num_micro, len(layers), budget, boundary_bytes_per_layer)
+    if order == "layer_major" and budget is not None and activation_bytes_per_layer is not None:
+        keep, room = [], budget - num_micro * len(layers) * (boundary_bytes_per_layer or 0)
+        for b in layers:  # earliest first; a kept layer holds its activations for every micro-batch
+            if num_micro * activation_bytes_per_layer <= room:
+                keep.append(b)
+                room -= num_micro * activation_bytes_per_layer
+    elif budget is None:
         keep = list(layers)
     elif activation_bytes_per_layer is None:
         keep = [b for b in layers if plan.home[b] == Tier.DEVICE]
@@ -129,7 +150,32 @@ def make_plan(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, pref
     plan.keep = keep
     plan.activation_bytes_per_layer = activation_bytes_per_layer
     plan.activation_budget_bytes = budget
+    plan.accumulation, plan.accumulation_why = order, why
     return plan
+
+
+def _accumulation(asked: str, num_micro: int, num_layers: int, budget: int | None,
+                  boundary: int | None) -> tuple[str, str]:
+    """(order, why) of a step: ``layer_major`` where it was asked for (or ``auto``), runs more than
+    one micro-batch and the budget holds the hidden states between layers of all of them."""
+    if asked not in ("micro_major", "layer_major", "auto"):
+        raise PlanError(f"train.accumulation must be micro_major, layer_major or auto (got {asked!r})")
+    if asked == "micro_major":
+        return "micro_major", ""
+    if num_micro <= 1:
+        return "micro_major", f"train.accumulation={asked}: one micro-batch per step, both orders are the same"
+    if budget is None:
+        return "layer_major", f"{num_micro} micro-batches per layer visit: the base is read once per step"
+    if boundary is None:
+        return "micro_major", (f"train.accumulation={asked}: the hidden states between layers are not estimated "
+                               "and the activation budget has a limit")
+    need = num_micro * num_layers * boundary
+    if need > budget:
+        return "micro_major", (f"train.accumulation={asked}: the hidden states between layers of {num_micro} "
+                               f"micro-batches need {need / GIB:.3f} GiB, more than the activation budget "
+                               f"{budget / GIB:.3f} GiB (offload.activation_budget_gib)")
+    return "layer_major", (f"{num_micro} micro-batches per layer visit: the base is read once per step; hidden "
+                           f"states between layers {need / GIB:.3f} GiB of the activation budget")
 
 
 def _place(blocks: dict[str, BlockSize], *, outer_block: str, tier: str, prefetch_depth: int,

@@ -150,3 +150,13 @@ def test_plan_prints_the_backward_choice_for_lora(tiny_models, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "backward: keep activations of 0 layers, recompute 2" in out
     assert "MiB per layer per micro-batch" in out and "activation budget 0.000 GiB" in out
+
+
+def test_plan_prints_the_accumulation_order(tiny_models, tmp_path, capsys):
+    path = tiny_models("llama", layers=2, hidden=32)
+    for budget, want in ((None, "accumulation: layer_major (2 micro-batches per layer visit"),
+                         (0, "accumulation: micro_major (train.accumulation=auto: the hidden states between layers")):
+        cfg = _write_cfg(tmp_path, path, method="lora", offload={"tier": "host", "activation_budget_gib": budget},
+                         train={"micro_batch_size": 2, "accumulation": "auto"})
+        assert main(["plan", cfg]) == 0
+        assert want in capsys.readouterr().out

@@ -66,3 +66,27 @@ def test_without_an_estimate_a_bounded_budget_recomputes_the_streamed_layers():
     working = 16 * MIB + 4 * 8 * MIB
     p = _plan(device_budget_bytes=working + 4 * MIB)
     assert p.keep == ["layer.0"]  # the device-home layer; the streamed ones recompute, as before
+
+
+def test_layer_major_holds_every_micro_batch_or_falls_back():
+    act, hid = 3 * MIB, MIB // 2  # kept activations and hidden state of one micro-batch per layer
+    kw = dict(activation_bytes_per_layer=act, boundary_bytes_per_layer=hid)
+    # micro_major is unchanged: one micro-batch's activations, whatever num_micro
+    p = _plan(activation_budget_bytes=2 * act, accumulation="micro_major", num_micro=4, **kw)
+    assert (p.accumulation, p.keep) == ("micro_major", ["layer.0", "layer.1"])
+    # no limit: every layer keeps, for every micro-batch
+    p = _plan(accumulation="auto", num_micro=4, **kw)
+    assert p.accumulation == "layer_major" and len(p.keep) == 6
+    assert "accumulation: layer_major (4 micro-batches" in p.describe()
+    # the hidden states of 4 micro-batches x 6 layers, plus 2 layers' kept activations x 4
+    boundary = 4 * 6 * hid
+    p = _plan(activation_budget_bytes=boundary + 2 * 4 * act + act, accumulation="layer_major", num_micro=4, **kw)
+    assert (p.accumulation, p.keep) == ("layer_major", ["layer.0", "layer.1"])
+    # not even the hidden states: micro-batch-major, keeping what one micro-batch needs, and why
+    p = _plan(activation_budget_bytes=boundary - 1, accumulation="layer_major", num_micro=4, **kw)
+    assert p.accumulation == "micro_major" and "hidden states between layers" in p.accumulation_why
+    assert p.keep == [f"layer.{i}" for i in range((boundary - 1) // act)]
+    # one micro-batch: the orders are the same
+    assert _plan(accumulation="auto", num_micro=1, **kw).accumulation == "micro_major"
+    with pytest.raises(PlanError, match="train.accumulation"):
+        _plan(accumulation="layers", num_micro=2, **kw)
