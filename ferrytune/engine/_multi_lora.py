@@ -37,6 +37,7 @@ the step logic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -340,18 +341,8 @@ class MultiLoraTrainer:
             start += len(examples)
         input_ids = torch.cat([b.input_ids for _, _, b in batches])  # (B, T)
         attention_mask = torch.cat([b.attention_mask for _, _, b in batches])  # (B, T)
-        sums: dict[int, float] = {}
-        if self.engine is not None:
-            self.engine.begin_step(1)  # streamed base: outer block held until after backward
-        try:
-            sums = self._packed_loss_backward(segments, batches, input_ids, attention_mask, active, sums)
-        except BaseException:
-            if self.engine is not None:
-                self.engine.end_step(failed=True)
-            raise
-        if self.engine is not None:
-            self.engine.end_step()
-        return sums
+        with self._base_pass():
+            return self._packed_loss_backward(segments, batches, input_ids, attention_mask, active, {})
 
     def _forward_backward_packed(self, rows: list[tuple[int, Example]], active: list[_Job],
                                  index: dict[str, int]) -> dict[int, float]:
@@ -369,24 +360,30 @@ class MultiLoraTrainer:
         input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
         groups = [(a, g.to(self.device)) for (a, _), g in zip(groups, joined)]
         sums: dict[int, float] = {}
-        if self.engine is not None:
-            self.engine.begin_step(1)
-        try:
-            with self.router.route(segments, tokens=input_ids.numel()):  # open through backward
-                hidden = self._forward_hidden(input_ids, None, position_ids)  # (1, N, C)
-                loss = hidden.new_zeros((), dtype=torch.float32)
-                for a, g in groups:
-                    per_sample = loss_per_sample(self._head(gather_packed(hidden, g.loss_positions)), g)  # (b,)
-                    loss = loss + per_sample.sum() / active[a].batcher.global_batch_size
-                    sums[a] = float(per_sample.detach().sum())
-                loss.backward()
-        except BaseException:
-            if self.engine is not None:
-                self.engine.end_step(failed=True)
-            raise
-        if self.engine is not None:
-            self.engine.end_step()
+        with self._base_pass(), self.router.route(segments, tokens=input_ids.numel()):  # open through backward
+            hidden = self._forward_hidden(input_ids, None, position_ids)  # (1, N, C)
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            for a, g in groups:
+                per_sample = loss_per_sample(self._head(gather_packed(hidden, g.loss_positions)), g)  # (b,)
+                loss = loss + per_sample.sum() / active[a].batcher.global_batch_size
+                sums[a] = float(per_sample.detach().sum())
+            loss.backward()
         return sums
+
+    @contextlib.contextmanager
+    def _base_pass(self, *, backward: bool = True):
+        """A streamed base's pass of one packed step or eval forward (its outer block held until after
+        backward; released as failed if the step raises); nothing for a resident base."""
+        if self.engine is None:
+            yield
+            return
+        self.engine.begin_step(1, backward=backward)
+        try:
+            yield
+        except BaseException:
+            self.engine.end_step(failed=True)
+            raise
+        self.engine.end_step()
 
     def _packed_loss_backward(self, segments, batches, input_ids, attention_mask, active, sums) -> dict[int, float]:
         with self.router.route(segments):  # open through backward: a recomputed layer needs the routing
@@ -482,23 +479,15 @@ class MultiLoraTrainer:
         attention_mask = torch.cat([b.attention_mask for b in batches])
         out = []
         self.model.eval()  # no dropout, as ``ferrytune eval``
-        if self.engine is not None:
-            self.engine.begin_step(1, backward=False)
         try:
-            with torch.no_grad(), self.router.route(segments):
+            with self._base_pass(backward=False), torch.no_grad(), self.router.route(segments):
                 hidden = self._forward_hidden(input_ids, attention_mask)
                 for (_, row0, row1), b in zip(segments, batches):
                     logits = self._head(gather_positions(hidden[row0:row1], b.loss_positions))
                     out.append((float(loss_per_sample(logits, b).sum()), float(correct_per_sample(logits, b).sum()),
                                 b.batch_size))
-        except BaseException:
-            if self.engine is not None:
-                self.engine.end_step(failed=True)
-            raise
         finally:
             self.model.train()
-        if self.engine is not None:
-            self.engine.end_step()
         return out
 
     # ---- checkpoints and export ----

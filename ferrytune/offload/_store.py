@@ -298,18 +298,23 @@ class NvmeBlockStore:
         against the record's checksum: a range read is not verified (MoE routed-only reads)."""
         return self.submit_read_range(block_id, buf, lo, hi).result()
 
-    def submit_read_range(self, block_id: str, buf: HostBuffer | Any, lo: int, hi: int) -> Future[int]:
-        """Start ``read_range``; ranges of one record may be read at once (into disjoint or equal bytes)."""
-        rec, payload = self._payload_view(block_id, buf)
-        if lo % PAGE_BYTES or hi % PAGE_BYTES or not 0 <= lo < hi <= rec.padded_bytes:
-            raise StoreError(f"record {block_id!r}: range [{lo}, {hi}) is not page-aligned inside "
-                             f"its {rec.padded_bytes} padded bytes")
+    def _begin_read(self, block_id: str) -> Future[int]:
+        """Count a read of ``block_id`` as running (refused while it is being written); its future."""
         with self._lock:
             if block_id in self._writing:
                 raise StoreError(f"record {block_id!r} is being written; wait for the write before reading")
             self._reading[block_id] = self._reading.get(block_id, 0) + 1
         outer: Future[int] = Future()
         outer.set_running_or_notify_cancel()
+        return outer
+
+    def submit_read_range(self, block_id: str, buf: HostBuffer | Any, lo: int, hi: int) -> Future[int]:
+        """Start ``read_range``; ranges of one record may be read at once (into disjoint or equal bytes)."""
+        rec, payload = self._payload_view(block_id, buf)
+        if lo % PAGE_BYTES or hi % PAGE_BYTES or not 0 <= lo < hi <= rec.padded_bytes:
+            raise StoreError(f"record {block_id!r}: range [{lo}, {hi}) is not page-aligned inside "
+                             f"its {rec.padded_bytes} padded bytes")
+        outer = self._begin_read(block_id)
 
         def done(fut: Future[list[Any]]) -> None:
             with self._lock:
@@ -371,12 +376,7 @@ class NvmeBlockStore:
         """Start a read; the future yields the payload bytes or raises CorruptRecordError."""
         rec, payload = self._payload_view(block_id, buf)
         fd = self._fds[rec.file]
-        with self._lock:
-            if block_id in self._writing:
-                raise StoreError(f"record {block_id!r} is being written; wait for the write before reading")
-            self._reading[block_id] = self._reading.get(block_id, 0) + 1
-        outer: Future[int] = Future()
-        outer.set_running_or_notify_cancel()
+        outer = self._begin_read(block_id)
         header = aligned_buffer(PAGE_BYTES)
         pending: list[Future[list[Any]]] = []
         left = [2]

@@ -29,7 +29,7 @@ from service_testlib import free_port, job_spec, write_classification
 
 pytest.importorskip("ray")
 
-from ferrytune.service._client import Client, ClientError
+from ferrytune.service._client import Client
 from ferrytune.service._controller import ControllerSettings
 from ferrytune.service._service import Service, ServiceConfig
 from ferrytune.service.cli import main as cli_main
@@ -364,12 +364,7 @@ def test_eval_curves_and_columns(svc, open_browser, tmp_path):
     spec = job_spec("tiny", "train.jsonl", steps=6)
     spec["data"]["eval"] = "eval.jsonl"
     spec["train"]["eval_every_steps"] = 2
-    try:
-        job_id = svc.alice.submit_text(yaml.safe_dump({**spec, "name": "with-eval"}))["id"]
-    except ClientError as e:
-        if e.status == 400 and "data.eval" in str(e):
-            pytest.skip(f"this service does not evaluate jobs yet: {e}")
-        raise
+    job_id = svc.alice.submit_text(yaml.safe_dump({**spec, "name": "with-eval"}))["id"]
     job = wait_for(svc.alice, job_id, lambda j: j["state"] == "succeeded")
     evals = svc.alice.metrics(job_id)["evals"]
     assert len(evals) >= 3 and job["eval_accuracy"] is not None and job["eval_loss"] is not None
