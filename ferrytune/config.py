@@ -328,7 +328,9 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         problems += _fzoo_problems(cfg)
     if cfg.method == "zo" and cfg.zo.estimator == "hizoo":
         problems += _hizoo_problems(cfg)
-    if cfg.method == "zo" and cfg.zo.estimator != "hizoo" and "hessian_smooth" in cfg.zo.model_fields_set:
+    # by value, not by fields set: a config that went through to_dict() (Ray, the service) sets every field
+    if (cfg.method == "zo" and cfg.zo.estimator != "hizoo"
+            and cfg.zo.hessian_smooth != ZOConfig.model_fields["hessian_smooth"].default):
         problems.append(("zo.hessian_smooth", "applies to zo.estimator: hizoo only; remove it"))
     if cfg.train.accumulation == "layer_major" and cfg.data.packing:
         problems.append(("train.accumulation", "layer_major does not run packed rows yet (data.packing: true); "

@@ -70,8 +70,11 @@ def test_overrides_are_yaml_scalars_applied_before_validation(cfg_file):
     assert load_config(cfg_file(bad), ["train.steps=5"]).train.steps == 5
 
 
-def test_roundtrip_through_dict_and_yaml(cfg_file, tmp_path):
-    cfg = load_config(cfg_file(), ["lora.target_modules=all-linear", "train.micro_batch_size=2"])
+@pytest.mark.parametrize("method", ["lora", "zo"])
+def test_roundtrip_through_dict_and_yaml(cfg_file, tmp_path, method):
+    """to_dict() sets every field (Ray and the service ship configs so): checks must judge values."""
+    cfg = load_config(cfg_file(MINIMAL.replace("method: lora", f"method: {method}")),
+                      ["lora.target_modules=all-linear", "train.micro_batch_size=2"])
     assert config_from_dict(cfg.to_dict()) == cfg and cfg.model_dump() == cfg.to_dict()
     (tmp_path / "resolved.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "resolved.yaml") == cfg
