@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import secrets
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterable
@@ -566,7 +567,17 @@ def _sqlite_immediate_transactions(engine: sa.Engine) -> None:
     def _on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL takes its lock without SQLite's busy handler: processes that
+        # open a new store at once get "database is locked" at once; retry within the busy timeout.
+        deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+        while True:
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
