@@ -2,6 +2,13 @@
 
     python benchmarks/bench_lora_zero_infinity.py                     # 5 rounds, 2 timed steps each, ~12 min
     python benchmarks/bench_lora_zero_infinity.py --rounds 4 --steps 3 --threads 2 --dir /work/bench-tmp/zi
+    python benchmarks/bench_lora_zero_infinity.py --micro-batches 4   # 4 micro-batches of 8 x 64 per step
+
+With ``--micro-batches M`` a step accumulates M micro-batches of ``--batch-size`` rows: ferrytune with
+``train.accumulation: layer_major`` (``--ft-accumulation``), DeepSpeed with
+``gradient_accumulation_steps: M`` (``engine.backward`` + ``engine.step`` per micro-batch, as its docs
+say; it steps the optimizer at the boundary and scales each micro-batch's loss by 1/M, the same mean
+ferrytune takes).
 
 Same model (SmolLM2-135M-Instruct), LoRA r=8 alpha=16 on q_proj/v_proj (PEFT on the DeepSpeed
 side, its adapter initialised with ferrytune's seed-0 init, so both sides' losses must agree
@@ -76,13 +83,15 @@ def batches_for(args, tokenizer_path: str):
     from ferrytune.data import pad_positions
 
     total = args.warmup_steps + args.steps
-    data = make_bench_data(Path(args.src_data), Path(args.dir) / f"data_{os.getpid()}", rows=args.batch_size * (total + 2),
+    rows = args.batch_size * args.micro_batches
+    data = make_bench_data(Path(args.src_data), Path(args.dir) / f"data_{os.getpid()}", rows=rows * (total + 2),
                            model=tokenizer_path, seq_len=args.seq_len)
     tok = load_tokenizer(tokenizer_path)
     ex = encode(load_jsonl(data), tok, max_length=args.seq_len)
-    b = Batcher(ex, global_batch_size=args.batch_size, micro_batch_size=None, seed=0, shuffle=False)
+    b = Batcher(ex, global_batch_size=rows, micro_batch_size=args.batch_size, seed=0, shuffle=False)
     out = [pad_positions(b.batches_for_step(s, pad_id=pad_id_for(tok))) for s in range(total)]
     for mbs in out:
+        assert len(mbs) == args.micro_batches
         assert all(tuple(m.input_ids.shape) == (args.batch_size, args.seq_len) for m in mbs)
     return out, data
 
@@ -103,7 +112,9 @@ def child_ft(args) -> dict:
         "method": "lora",
         "model": {"path": args.model, "compute_dtype": "float32", "store_dtype": args.ft_store},
         "data": {"train": str(data), "max_length": args.seq_len, "shuffle": False},
-        "train": {"steps": len(batches), "batch_size": args.batch_size, "seed": 0, "lr": 1e-4, "grad_clip": 1.0},
+        "train": {"steps": len(batches), "batch_size": args.batch_size * args.micro_batches,
+                  "micro_batch_size": args.batch_size, "accumulation": args.ft_accumulation,
+                  "seed": 0, "lr": 1e-4, "grad_clip": 1.0},
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "offload": {"tier": "nvme", "nvme_dir": str(store_dir), "prefetch_depth": args.prefetch_depth,
                     "io_threads": args.io_threads},
@@ -132,7 +143,7 @@ def child_ft(args) -> dict:
 def ds_config(args, nvme_dir: str) -> dict:
     return {
         "train_micro_batch_size_per_gpu": args.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": args.micro_batches,
         "gradient_clipping": 1.0,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {
@@ -190,18 +201,20 @@ def child_ds(args) -> dict:
     setup_s = time.perf_counter() - t_setup
     steps = []
     for s, mbs in enumerate(batches):
-        (b,) = mbs
         io0 = proc_io()
         t0, c0 = time.perf_counter(), time.process_time()
-        if args.ds_full_logits:
-            out = engine(input_ids=b.input_ids, attention_mask=b.attention_mask)
-            logits = gather_positions(out.logits, b.loss_positions)
-        else:
-            logits = engine(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1).logits
-        per = loss_per_sample(logits, b)
-        loss = per.mean()
-        engine.backward(loss)  # the engine clips (gradient_clipping 1.0) and steps AdamW
-        engine.step()
+        losses = []
+        for b in mbs:
+            if args.ds_full_logits:
+                out = engine(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                logits = gather_positions(out.logits, b.loss_positions)
+            else:
+                logits = engine(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1).logits
+            loss = loss_per_sample(logits, b).mean()
+            losses.append(float(loss))
+            engine.backward(loss)  # scales by 1/gradient_accumulation_steps
+            engine.step()  # at the boundary: clips (gradient_clipping 1.0) and steps AdamW
+        loss = sum(losses) / len(losses)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         io1 = proc_io()
         steps.append({"step": s, "loss": float(loss), "step_s": dt, "cpu_s": cpu, "timed": s >= args.warmup_steps,
@@ -266,6 +279,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches of --batch-size rows per step")
+    p.add_argument("--ft-accumulation", default="layer_major", choices=["layer_major", "micro_major"])
     p.add_argument("--ft-store", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--prefetch-depth", type=int, default=2)
     p.add_argument("--io-threads", type=int, default=8)
@@ -290,6 +305,7 @@ def main() -> int:
     shared_flags = ["--model", args.model, "--src-data", args.src_data, "--dir", args.dir, "--steps", str(args.steps),
                     "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads),
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--ft-store", args.ft_store,
+                    "--micro-batches", str(args.micro_batches), "--ft-accumulation", args.ft_accumulation,
                     "--prefetch-depth", str(args.prefetch_depth), "--io-threads", str(args.io_threads)]
     args.passthrough = shared_flags + (["--ds-full-logits"] if args.ds_full_logits else [])
     work = Path(args.dir)
@@ -337,7 +353,8 @@ def main() -> int:
         if ss:
             per_side[side] = {k: mmm([s[k] for s in ss]) for k in ss[0] if k != "losses" and ss[0][k] is not None}
     print()
-    print(f"SmolLM2-135M LoRA r=8 q,v, fp32 compute, batch {args.batch_size} x {args.seq_len}, threads {args.threads}, "
+    print(f"SmolLM2-135M LoRA r=8 q,v, fp32 compute, {args.micro_batches} micro-batch(es) of {args.batch_size} x "
+          f"{args.seq_len} per step (ferrytune {args.ft_accumulation}), threads {args.threads}, "
           f"{len(rounds)} rounds x {args.steps} timed steps (median [min-max] over rounds)")
     print("| side | step s | CPU s / step | disk read / step (/proc/PID/io) | peak RSS (VmHWM) | RSS after steps |")
     print("|---|---|---|---|---|---|")

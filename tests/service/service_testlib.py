@@ -100,3 +100,38 @@ def wait_until_healthy(url: str, proc, wait_s: float) -> None:
         out = proc.stdout.read() if proc.poll() is not None and proc.stdout else "timeout"
         assert proc.poll() is None and time.monotonic() < deadline, out
         time.sleep(0.2)
+
+
+def succeeded(job: dict) -> bool:
+    return job["state"] == "succeeded"
+
+
+def wait_for(client, job_id: str, predicate=succeeded, *, timeout_s: float = 120.0, poll_s: float = 0.1) -> dict:
+    """Poll ``client.status(job_id)`` until ``predicate(job)``; returns that status.
+
+    Fails with the job's status and log tail when the time runs out, or as soon as the job ends
+    (failed/cancelled) without meeting ``predicate``: a wait for ``state == "failed"`` is met
+    before that check, so it still works."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.status(job_id)
+        if predicate(job):
+            return job
+        if job["state"] in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} never got there: {job}\n{client.logs(job_id)}")
+        time.sleep(poll_s)
+
+
+def add_tenant(state_dir, name: str) -> str:
+    """``ferrytune tenants add NAME --state-dir DIR`` run in-process; returns the token it prints."""
+    import contextlib
+    import io
+
+    from ferrytune.service.cli import main as cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert cli_main(["tenants", "add", name, "--state-dir", str(state_dir)]) == 0
+    return out.getvalue().strip()

@@ -15,28 +15,24 @@ paths: ``FERRYTUNE_CHROMIUM``, ``FERRYTUNE_CHROMEDRIVER``), unless ``FERRYTUNE_R
 """
 
 import contextlib
-import io
 import os
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import requests
 import yaml
-from service_testlib import free_port, job_spec, write_classification
+from service_testlib import add_tenant, free_port, job_spec, wait_for, write_classification
 
 pytest.importorskip("ray")
 
 from ferrytune.service._client import Client
 from ferrytune.service._controller import ControllerSettings
 from ferrytune.service._service import Service, ServiceConfig
-from ferrytune.service.cli import main as cli_main
 
 CHROMIUM = os.environ.get("FERRYTUNE_CHROMIUM", "/usr/bin/chromium")  # Debian's chromium
 CHROMEDRIVER = os.environ.get("FERRYTUNE_CHROMEDRIVER", "/usr/bin/chromedriver")  # Debian's chromium-driver
-WAIT_S = 120.0
 PAGE_WAIT_S = 30.0
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 HOSTILE_COMMENT = "# </pre><script>window.__pwned=2</script><b onmouseover=alert(1)>x</b>"
@@ -64,22 +60,6 @@ def browser_available():
         pytest.skip(missing)
 
 
-def add_tenant(state, name) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert cli_main(["tenants", "add", name, "--state-dir", str(state)]) == 0
-    return out.getvalue().strip()
-
-
-def wait_for(client, job_id, predicate, *, timeout_s=WAIT_S) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.status(job_id)
-        if predicate(job):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} never got there: {job}\n{client.logs(job_id)}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

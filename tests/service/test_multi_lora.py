@@ -144,22 +144,27 @@ def test_resume_from_checkpoint_is_exact(setup, tmp_path):
     cfgs = {k: configs[k] for k in ("a", "c")}
     straight, _ = _train(base, cfgs, tmp_path / "straight")
 
-    first = MultiLoraTrainer(base)
-    for job_id, cfg in cfgs.items():
-        first.add_job(job_id, cfg, work_dir=tmp_path / "resumed" / job_id)
+    _resume_equals(base, cfgs, straight, tmp_path / "resumed")
+
+
+def _resume_equals(base, configs, straight, work, **trainer_kw):
+    """Two steps, a checkpoint of every job, a third step that is lost (as when a worker dies); a new
+    trainer resumes from the checkpoints at step 2, finishes, and equals ``straight`` bit for bit."""
+    first = MultiLoraTrainer(base, **trainer_kw)
+    for job_id, cfg in configs.items():
+        first.add_job(job_id, cfg, work_dir=work / job_id)
     for _ in range(2):
         first.step()
-    first.checkpoint("a")
-    first.checkpoint("c")
-    first.step()  # progress after the checkpoint is lost, as when a worker dies
+    for job_id in configs:
+        first.checkpoint(job_id)
+    first.step()
     del first
-
-    second = MultiLoraTrainer(base)
-    for job_id, cfg in cfgs.items():
-        assert second.add_job(job_id, cfg, work_dir=tmp_path / "resumed" / job_id) == 2
-    while not all(second.is_done(j) for j in cfgs):
+    second = MultiLoraTrainer(base, **trainer_kw)
+    for job_id, cfg in configs.items():
+        assert second.add_job(job_id, cfg, work_dir=work / job_id) == 2
+    while not all(second.is_done(j) for j in configs):
         second.step()
-    for job_id in cfgs:
+    for job_id in configs:
         for key, value in straight.adapter(job_id).state_dict().items():
             torch.testing.assert_close(second.adapter(job_id).state_dict()[key], value, atol=0, rtol=0)
 
@@ -440,23 +445,7 @@ def test_jobs_with_different_optimizers_packed_equal_solo_and_resume_exactly(set
         assert state and all(set(s) == keys[cfg["train"]["optimizer"]] for s in state.values())
 
     # resume: two steps, checkpoint, a lost third step, a new trainer finishes; equals straight
-    first = MultiLoraTrainer(base, packer=packer)
-    for job_id, cfg in configs.items():
-        first.add_job(job_id, cfg, work_dir=tmp_path / "resumed" / job_id)
-    for _ in range(2):
-        first.step()
-    for job_id in configs:
-        first.checkpoint(job_id)
-    first.step()
-    del first
-    second = MultiLoraTrainer(base, packer=packer)
-    for job_id, cfg in configs.items():
-        assert second.add_job(job_id, cfg, work_dir=tmp_path / "resumed" / job_id) == 2
-    while not all(second.is_done(j) for j in configs):
-        second.step()
-    for job_id in configs:
-        for key, value in packed.adapter(job_id).state_dict().items():
-            torch.testing.assert_close(second.adapter(job_id).state_dict()[key], value, atol=0, rtol=0)
+    _resume_equals(base, configs, packed, tmp_path / "resumed", packer=packer)
     # a job resumed with another optimizer than its checkpoint's is refused, naming the key
     switched = {**configs["a"], "train": {**configs["a"]["train"], "optimizer": "adamw"}}
     with pytest.raises(CheckpointError, match=r"train\.optimizer: the checkpoint holds the state of 'adam_mini', "

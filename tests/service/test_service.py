@@ -20,7 +20,7 @@ import pytest
 import requests
 import torch
 import yaml
-from service_testlib import free_port, job_spec, lora_config, wait_until_healthy
+from service_testlib import free_port, job_spec, lora_config, succeeded, wait_for, wait_until_healthy
 
 ray = pytest.importorskip("ray")
 
@@ -56,19 +56,7 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-def wait_for(client: Client, job_id: str, predicate, *, timeout_s=WAIT_S) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.status(job_id)
-        if predicate(job):
-            return job
-        if job["state"] in ("failed", "cancelled") or time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} never got there: {job}\n{client.logs(job_id)}")
-        time.sleep(0.1)
 
-
-def succeeded(job):
-    return job["state"] == "succeeded"
 
 
 def test_two_tenants_packed_on_one_worker_end_to_end(ray_session, tiny, tmp_path, db_url, capsys, monkeypatch):

@@ -4,16 +4,13 @@ Real Ray (conftest's session), real HTTP on 127.0.0.1, real SQLite, the real ``f
 entry point. One service for the module.
 """
 
-import contextlib
-import io
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from service_testlib import free_port, job_spec, lora_config, write_classification, write_completion
+from service_testlib import add_tenant, free_port, job_spec, lora_config, wait_for, write_classification, write_completion
 
 pytest.importorskip("ray")
 
@@ -38,12 +35,7 @@ def svc(ray_session, tiny, tmp_path_factory):
     state = root / "state"
     write_classification(root / "ev-cls.jsonl", EVAL_CLS_ROWS, seed=5)
     write_completion(root / "ev-cmp.jsonl", EVAL_CMP_ROWS, seed=6)
-    tokens = {}
-    for name in ("alice", "bob"):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert cli_main(["tenants", "add", name, "--state-dir", str(state)]) == 0
-        tokens[name] = out.getvalue().strip()
+    tokens = {name: add_tenant(state, name) for name in ("alice", "bob")}
     settings = ControllerSettings(worker_memory_gib=1.0, max_workers=1, max_jobs_per_worker=4, token_capacity=512,
                                   checkpoint_every_steps=2, worker_num_cpus=1.0, worker_slice_s=0.3, tick_s=0.05)
     service = Service(ServiceConfig(state_dir=str(state), bases={"tiny": str(base)}, port=free_port(),
@@ -53,15 +45,6 @@ def svc(ray_session, tiny, tmp_path_factory):
     service.stop()
 
 
-def wait_for(client, job_id, predicate=lambda j: j["state"] == "succeeded", *, timeout_s=WAIT_S) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.status(job_id)
-        if predicate(job):
-            return job
-        if job["state"] in ("failed", "cancelled") or time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} never got there: {job}\n{client.logs(job_id)}")
-        time.sleep(0.1)
 
 
 def submit_file(client, path: Path, spec: dict) -> str:
@@ -91,8 +74,8 @@ def test_job_eval_equals_ferrytune_eval_of_its_fetched_adapter(svc, tmp_path, ca
     cmp_spec["data"]["eval"] = str(s.root / "ev-cmp.jsonl")  # evaluated at step 0 and after step 60 only
     id_cls = submit_file(s.alice, tmp_path / "cls.yaml", cls_spec)
     id_cmp = submit_file(s.bob, tmp_path / "cmp.yaml", cmp_spec)
-    job = wait_for(s.alice, id_cls)
-    bob_job = wait_for(s.bob, id_cmp)
+    job = wait_for(s.alice, id_cls, timeout_s=WAIT_S)
+    bob_job = wait_for(s.bob, id_cmp, timeout_s=WAIT_S)
 
     # the metrics hold one eval row per eval step, with single-job metrics.jsonl's keys
     evals = s.alice.metrics(id_cls)["evals"]
@@ -165,11 +148,11 @@ def test_init_from_continues_an_own_finished_job(svc, tmp_path, torch_threads):
     spec = job_spec("tiny", "train.jsonl", steps=4)
     spec["data"]["eval"] = "ev.jsonl"
     parent = s.alice.submit_text(yaml.safe_dump(spec))["id"]
-    wait_for(s.alice, parent)
+    wait_for(s.alice, parent, timeout_s=WAIT_S)
     child_spec = {**spec, "train": {**spec["train"], "steps": 2, "seed": 3},
                   "lora": {**spec["lora"], "init_from": parent}}
     child = s.alice.submit_text(yaml.safe_dump(child_spec))["id"]
-    wait_for(s.alice, child)
+    wait_for(s.alice, child, timeout_s=WAIT_S)
 
     # the child's eval at step 0 evaluates the weights it starts from: the parent's last, bit for bit
     keys = ("eval_loss", "eval_accuracy", "eval_samples")

@@ -8,8 +8,6 @@ disk; revoke / rotate take effect at once; repeated bad authentication gets 429;
 state is private; the embedded Ray listens on loopback only and dies with the service.
 """
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -25,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from service_testlib import free_port, job_spec, lora_config, wait_until_healthy, write_classification
+from service_testlib import add_tenant, free_port, job_spec, lora_config, wait_for, wait_until_healthy, write_classification
 
 pytest.importorskip("ray")
 
@@ -40,13 +38,6 @@ WAIT_S = 120.0
 AUTH_WINDOW_S = 3.0
 LIMITS = TenantLimits(max_jobs=40, max_running_jobs=4, max_steps=1000, max_tokens_per_step=2048,
                       max_dataset_bytes=1 << 20, max_disk_bytes=64 << 20)
-
-
-def add_tenant(state, name) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert cli_main(["tenants", "add", name, "--state-dir", str(state)]) == 0
-    return out.getvalue().strip()
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +58,6 @@ def svc(ray_session, tiny, tmp_path_factory):
     service.stop()
 
 
-def wait_for(client, job_id, predicate, *, timeout_s=WAIT_S) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.status(job_id)
-        if predicate(job):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} never got there: {job}\n{client.logs(job_id)}")
-        time.sleep(0.05)
 
 
 def submit(client, **changes) -> str:
