@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py                       # 4 rounds x 2 steps, 2 threads, ~12 min
     python benchmarks/bench_lora.py --rounds 5 --steps 3 --threads 2 --variants peft,ft_resident,ft_nvme_bf16
+    python benchmarks/bench_lora.py --accumulate 4      # a step = 4 micro-batches of 8 x 64 (ferrytune layer-major)
 
 One process, one model (SmolLM2-135M-Instruct), LoRA r=8 alpha=16 on q_proj/v_proj, fp32
 compute, AdamW lr 1e-4, grad clip 1.0, batch 8 x 64 tokens (every row exactly 64 tokens:
@@ -254,6 +255,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument("--accumulation", action="store_true",
                    help="the train.accumulation benchmark (bytes per step against M, layer- vs micro-major time)")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches of --batch-size rows per step (ferrytune: train.accumulation layer_major)")
     p.add_argument("--micro-batches", default="1,2,4", help="with --accumulation: the M to run (the largest is timed)")
     args = p.parse_args()
     if args.accumulation:
@@ -277,7 +280,8 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     total_steps = args.warmup_steps + args.rounds * args.steps
-    data = make_bench_data(Path(args.src_data), work / "data", rows=args.batch_size * (total_steps + 2),
+    rows = args.batch_size * args.accumulate  # one step's rows: --accumulate micro-batches of --batch-size
+    data = make_bench_data(Path(args.src_data), work / "data", rows=rows * (total_steps + 2),
                            model=args.model, seq_len=args.seq_len)
 
     def ft_cfg(name: str):
@@ -286,8 +290,8 @@ def main() -> int:
             "method": "lora",
             "model": {"path": args.model, "compute_dtype": "float32", "store_dtype": store},
             "data": {"train": str(data), "max_length": args.seq_len, "shuffle": False},
-            "train": {"steps": total_steps, "batch_size": args.batch_size, "seed": 0, "lr": args.lr,
-                      "grad_clip": 1.0, "weight_decay": 0.0},
+            "train": {"steps": total_steps, "batch_size": rows, "micro_batch_size": args.batch_size,
+                      "accumulation": "layer_major", "seed": 0, "lr": args.lr, "grad_clip": 1.0, "weight_decay": 0.0},
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
             "offload": {"tier": tier, "prefetch_depth": args.prefetch_depth, "io_threads": args.io_threads,
                         "host_budget_gib": 4.0, **({"nvme_dir": str(work / f"store_{name}")} if tier == "nvme" else {})},
@@ -312,6 +316,7 @@ def main() -> int:
     pad_id = pad_id_for(ref.tokenizer)
     batches = {s: pad_positions(ref.batcher.batches_for_step(s, pad_id=pad_id)) for s in range(total_steps)}
     for s, mbs in batches.items():
+        assert len(mbs) == args.accumulate, f"step {s}: {len(mbs)} micro-batches, not {args.accumulate}"
         assert all(tuple(b.input_ids.shape) == (args.batch_size, args.seq_len) and bool(b.attention_mask.all())
                    for b in mbs), f"step {s}: batch is not {args.batch_size} x {args.seq_len} full tokens"
     peft_runners = {}
@@ -409,7 +414,8 @@ def main() -> int:
     loss_dev = {v: max(abs(a - b) for a, b in zip(ref_losses, ls)) for v, ls in losses.items()}
 
     print()
-    print(f"SmolLM2-135M, LoRA r=8 q,v, fp32 compute, batch {args.batch_size} x {args.seq_len}, "
+    print(f"SmolLM2-135M, LoRA r=8 q,v, fp32 compute, {args.accumulate} micro-batch(es) of {args.batch_size} x {args.seq_len}"
+          f" per step, "
           f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps (median [min-max] over rounds)")
     hdr = ("| variant | step s | tokens/s | vs peft | vs peft_keep1 | vs ft_resident | CPU s/step | CPU vs peft | "
            "CPU vs ft_resident | read/step | stall s | IO s |")

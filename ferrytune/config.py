@@ -332,12 +332,6 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
     if (cfg.method == "zo" and cfg.zo.estimator != "hizoo"
             and cfg.zo.hessian_smooth != ZOConfig.model_fields["hessian_smooth"].default):
         problems.append(("zo.hessian_smooth", "applies to zo.estimator: hizoo only; remove it"))
-    if cfg.train.accumulation == "layer_major" and cfg.data.packing:
-        problems.append(("train.accumulation", "layer_major does not run packed rows yet (data.packing: true); "
-                                               "use micro_major or auto"))
-    if cfg.train.accumulation == "layer_major" and cfg.offload.routed_experts:
-        problems.append(("train.accumulation", "layer_major does not run routed-only MoE reads yet "
-                                               "(offload.routed_experts: true); use micro_major or auto"))
     if cfg.data.packing and cfg.method != "lora":
         problems.append(("data.packing", f"packs sequences for method: lora only (got method: {cfg.method}); "
                                          "set it to false"))

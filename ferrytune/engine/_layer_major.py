@@ -20,6 +20,12 @@ position embeddings, final norm, head), in three phases per step:
    layers' backward runs in reverse, each micro-batch in turn, handing the input gradient to the
    layer below.
 
+Packed rows (``data.packing``): each input carries its ``position_ids`` and no attention mask; the
+model's forward builds the block-diagonal mask from them in the capture, and the recorded layer
+kwargs carry it to every layer call. Routed-only MoE reads (``offload.routed_experts``): the
+routing hook fetches each micro-batch's experts as the layer runs on it (``FOEngine._routing_hook``);
+the experts routed to by any micro-batch are fetched again with the block for the backward.
+
 Random numbers (dropout): each micro-batch has its own generator state, seeded by the trainer
 before its capture, carried from layer to layer (restored before the micro-batch runs a layer,
 saved after) and restored before its head; a recomputed layer restores the state it started
@@ -66,7 +72,8 @@ class _Rng:
 class LayerMajorStep:
     """Runs one layer-major forward and backward over ``len(inputs)`` micro-batches on ``engine``.
 
-    ``inputs[i]``: (input_ids, attention_mask, loss_positions) of micro-batch ``i`` on the device;
+    ``inputs[i]``: (input_ids, attention_mask, loss_positions, position_ids) of micro-batch ``i`` on the
+    device (packed rows: ``position_ids`` and no mask; otherwise ``position_ids`` is None);
     ``seed(i)`` seeds the global RNG for micro-batch ``i`` (as micro-batch-major order does before
     its forward); ``loss(i, logits)`` returns the scalar to back-propagate. The caller brackets it
     with ``engine.begin_step(M, layer_major=True)`` / ``end_step``."""
@@ -75,19 +82,19 @@ class LayerMajorStep:
         self.engine = engine
         self.rng = _Rng(engine.device)
 
-    def run(self, inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    def run(self, inputs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]],
             seed: Callable[[int], None], loss: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
         eng = self.engine
         calls: list[list[tuple[Unit, Callable, tuple, dict]]] = []
         states: list[tuple] = []
         try:
-            for i, (ids, mask, pos) in enumerate(inputs):  # 1. capture
+            for i, (ids, mask, pos, pids) in enumerate(inputs):  # 1. capture
                 seed(i)
                 rec: list[tuple[Unit, Callable, tuple, dict]] = []
                 eng.layer_calls = self._capturer(rec, len(eng.layout.layer_blocks))
                 try:
                     with torch.no_grad():
-                        eng.forward(ids, mask, pos)
+                        eng.forward(ids, mask, pos, position_ids=pids)
                     raise FerrytuneError("layer-major step: the model's forward ended without running its last "
                                          "decoder layer; set train.accumulation: micro_major")
                 except _CaptureDone:
@@ -98,9 +105,9 @@ class LayerMajorStep:
                 calls.append(rec)
                 states.append(self.rng.get())
             eng.layer_calls = None
-            saved = self._forward_layers(calls, states)  # 2. layers
+            saved, routed = self._forward_layers(calls, states)  # 2. layers
             grads = self._heads(inputs, calls, saved, states, loss)  # 3. head and loss
-            self._backward_layers(calls, saved, grads)
+            self._backward_layers(calls, saved, grads, routed)
         finally:
             eng.layer_calls = None
 
@@ -115,16 +122,19 @@ class LayerMajorStep:
 
         return capture
 
-    def _forward_layers(self, calls: list, states: list) -> list[list[tuple]]:
-        """Per layer call j and micro-batch i: ("keep", leaf, out, extra) or ("recompute", input, rng, out, extra)."""
+    def _forward_layers(self, calls: list, states: list) -> tuple[list[list[tuple]], list[set[int]]]:
+        """Per layer call j and micro-batch i: ("keep", leaf, out, extra) or ("recompute", input, rng, out,
+        extra); and per layer call the experts its micro-batches routed to (MoE, routed-only reads)."""
         eng, lay = self.engine, self.engine.layout
         m = len(calls)
         hidden = [calls[i][0][2][0] for i in range(m)]
         saved: list[list[tuple]] = []
+        routed: list[set[int]] = []
         for j in range(len(calls[0])):
             b = calls[0][j][0].block_id
             flat = eng.streamer.acquire(b)
             _bind_block(lay, b, flat)
+            eng._routed[b] = set()
             row = []
             try:
                 for i in range(m):
@@ -148,8 +158,9 @@ class LayerMajorStep:
             finally:
                 _bind_block(lay, b, None)
                 eng.streamer.release(b, dirty=False)
+                routed.append(eng._routed.pop(b, set()))
             saved.append(row)
-        return saved
+        return saved, routed
 
     def _heads(self, inputs: list, calls: list, saved: list, states: list,
                loss: Callable[[int, torch.Tensor], torch.Tensor]) -> list[torch.Tensor | None]:
@@ -157,7 +168,7 @@ class LayerMajorStep:
         returns the gradient at the last layer's output of each."""
         eng, n = self.engine, len(calls[0])
         grads: list[torch.Tensor | None] = []
-        for i, (ids, mask, pos) in enumerate(inputs):
+        for i, (ids, mask, pos, pids) in enumerate(inputs):
             *_, main, extra = saved[n - 1][i]
             top = main.detach().requires_grad_(True)
             count = [0]
@@ -175,20 +186,23 @@ class LayerMajorStep:
 
             eng.layer_calls = replay
             try:
-                logits = eng.forward(ids, mask, pos)
+                logits = eng.forward(ids, mask, pos, position_ids=pids)
             finally:
                 eng.layer_calls = None
             loss(i, logits).backward()
             grads.append(top.grad)
         return grads
 
-    def _backward_layers(self, calls: list, saved: list, grads: list) -> None:
+    def _backward_layers(self, calls: list, saved: list, grads: list, routed: list[set[int]]) -> None:
         eng = self.engine
         for j in range(len(calls[0]) - 1, -1, -1):
             b = calls[0][j][0].block_id
             flat = eng.streamer.acquire(b)
             eng._held[b] = flat
             try:
+                # kept layers' saved weight references point into the experts their forwards used
+                # (a recomputed layer's routing hook fetches them again as it reruns)
+                eng.streamer.fetch_experts(b, routed[j])
                 for i, g in enumerate(grads):
                     entry, saved[j][i] = saved[j][i], None  # the graph is freed as it is used
                     if g is None:

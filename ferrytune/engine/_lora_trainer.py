@@ -126,9 +126,7 @@ class LoraTrainer(StepLoop):
         self.optim.zero_grad(set_to_none=False)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         world, rank = self.mesh.data, self.mesh.dp_rank
-        # auto never picks layer-major for packed rows or routed-only MoE reads (config refuses asking for it)
-        layer_major = (self.rt.plan.accumulation == "layer_major" and len(micro) > 1 and not self.cfg.data.packing
-                       and not self.cfg.offload.routed_experts)
+        layer_major = self.rt.plan.accumulation == "layer_major" and len(micro) > 1
         self.engine.begin_step(len(micro), layer_major=layer_major)
         try:
             if layer_major:
@@ -180,7 +178,9 @@ class LoraTrainer(StepLoop):
             total[0] += float(per.detach().sum())
             return per.sum() / t.batch_size
 
-        LayerMajorStep(self.engine).run([(b.input_ids, b.attention_mask, b.loss_positions) for b in batches],
+        packed = self.cfg.data.packing
+        LayerMajorStep(self.engine).run([(b.input_ids, None if packed else b.attention_mask, b.loss_positions,
+                                          b.position_ids if packed else None) for b in batches],
                                         lambda i: torch.manual_seed(micro_seed(t.seed, step, i * world + rank)), loss)
         return total[0]
 

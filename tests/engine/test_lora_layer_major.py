@@ -156,3 +156,17 @@ def test_layer_major_equals_micro_major_with_a_bf16_store(tiny_models, cfg_facto
     lm = _train(_cfg(cfg_factory, path, dict(off), micro=2, model=store))
     assert lm[4].accumulation == "layer_major"
     _assert_same(lm, micro)
+
+
+def test_layer_major_runs_packed_rows_like_micro_major(tiny_models, cfg_factory):
+    """``data.packing``: a micro-batch is one row of sequences end to end (position ids restart per
+    sequence, no mask); the captured layer kwargs carry the block-diagonal mask to every layer call."""
+    path = tiny_models("llama", layers=3, hidden=32)
+    off = {"tier": "nvme", "prefetch_depth": 1}
+    micro = _train(_cfg(cfg_factory, path, dict(off), micro=2, acc="micro_major", data={"packing": True}))
+    lm = _train(_cfg(cfg_factory, path, dict(off), micro=2, data={"packing": True}))
+    assert lm[4].accumulation == "layer_major"
+    _assert_same(lm, micro)
+    assert lm[2][1:] == [x // 2 for x in micro[2][1:]], "half the reads of micro-major with 2 micro-batches"
+    padded = _train(_cfg(cfg_factory, path, dict(off), micro=2, acc="micro_major"))
+    assert padded[0] != micro[0], "packing changed nothing: the packed path did not run"
