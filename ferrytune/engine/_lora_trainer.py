@@ -214,10 +214,15 @@ class LoraTrainer(StepLoop):
         chunks = list(eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data))
         with torch.no_grad():
             for chunk in self.eval_progress(chunks):
-                b = pad_positions([collate(chunk, pad_id=self.pad_id)])[0].to(self.rt.device)
+                packed = self.cfg.data.packing  # the chunk's sequences end to end, as training runs them
+                b = (collate_packed(chunk, pad_id=self.pad_id) if packed else
+                     pad_positions([collate(chunk, pad_id=self.pad_id)])[0]).to(self.rt.device)
                 self.engine.begin_step(1, backward=False)
                 try:
-                    logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
+                    if packed:
+                        logits = self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
+                    else:
+                        logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
                 except BaseException:
                     self.engine.end_step(failed=True)
                     raise

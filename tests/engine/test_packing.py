@@ -232,3 +232,34 @@ def test_activation_estimate_of_a_packed_micro_batch(tiny_models, cfg_factory):
     assert sdpa[True] == sdpa[False]
     heads = layout.model.config.num_attention_heads
     assert eager[True] - eager[False] == 2 * heads * 4 * 64 * (4 * 64 - 64) * 4  # bytes: fp32
+
+
+def test_evaluation_of_a_packed_run_is_packed_and_equals_padded(tiny_models, cfg_factory):
+    """With ``data.packing`` the eval chunks are packed too (one row, no padding): the same eval loss
+    as padded rows within float rounding (other GEMM shapes), the same accuracy up to a near-tie row."""
+    from ferrytune.engine import LoraTrainer
+
+    path = tiny_models("llama", layers=2, hidden=32)
+    results, calls = {}, {}
+    for packing in (False, True):
+        cfg = cfg_factory(path, method="lora", lora=LORA, train={"steps": 1, "batch_size": 8, "micro_batch_size": 4},
+                          data={"packing": packing, "eval_samples": 37}, offload={"tier": "nvme", "prefetch_depth": 1})
+        tr = LoraTrainer(cfg)
+        tr.setup()
+        try:
+            forward, seen = tr.engine.forward, []
+
+            def spy(ids, mask, pos, *, position_ids=None, forward=forward, seen=seen):
+                seen.append((tuple(ids.shape), mask is None, position_ids is not None))
+                return forward(ids, mask, pos, position_ids=position_ids)
+
+            tr.engine.forward = spy
+            results[packing], calls[packing] = tr.evaluate(prefix="eval_"), seen
+        finally:
+            tr.close()
+    assert all(rows == 1 and no_mask and pids for (rows, _), no_mask, pids in calls[True])
+    assert all(rows > 1 and not no_mask and not pids for (rows, _), no_mask, pids in calls[False][:-1])
+    assert len(calls[True]) == len(calls[False]) == 10  # 37 rows in chunks of 4
+    assert results[True]["eval_samples"] == results[False]["eval_samples"] == 37
+    assert results[True]["eval_loss"] == pytest.approx(results[False]["eval_loss"], rel=1e-5)
+    assert abs(results[True]["eval_accuracy"] - results[False]["eval_accuracy"]) <= 1 / 37 + 1e-9
