@@ -25,7 +25,8 @@ due stops stepping (its weights are those of that step) while its eval chunks, t
 ``ferrytune eval`` chunks of ``train.micro_batch_size or train.batch_size`` rows, run as
 forward-only microbatches under ``no_grad`` in :meth:`MultiLoraTrainer.evaluate_some`,
 one call per step boundary within a time budget; the chunks of every job evaluating at
-that moment share a forward (router segments, like training rows). The other jobs keep
+that moment share a forward (router segments, like training rows; with ``packing`` one row
+of their sequences end to end, routed by token range). The other jobs keep
 stepping in between. Eval rows are not packed *into* training microbatches: the backward
 of a training microbatch spans all its rows, so a forward-only row there would cost its
 backward GEMMs too (about 3x a forward-only microbatch).
@@ -465,6 +466,8 @@ class MultiLoraTrainer:
 
     def _eval_forward(self, chunks: list[tuple[_Job, list[Example]]], index: dict[str, int]) -> list[tuple]:
         """One no-grad forward over the chunks (one segment each); per chunk (loss sum, correct, rows)."""
+        if self.packing:
+            return self._eval_forward_packed(chunks, index)
         T = max(len(e.input_ids) for _, chunk in chunks for e in chunk)
         if len(chunks) == 1:  # as ``ferrytune eval`` collates a chunk: padded to its own longest row
             batches = [collate(chunks[0][1], pad_id=self.pad_id)]
@@ -486,6 +489,27 @@ class MultiLoraTrainer:
                     logits = self._head(gather_positions(hidden[row0:row1], b.loss_positions))
                     out.append((float(loss_per_sample(logits, b).sum()), float(correct_per_sample(logits, b).sum()),
                                 b.batch_size))
+        finally:
+            self.model.train()
+        return out
+
+    def _eval_forward_packed(self, chunks: list[tuple[_Job, list[Example]]], index: dict[str, int]) -> list[tuple]:
+        """:meth:`_eval_forward` with the chunks' sequences end to end in ONE row, each job's a
+        contiguous token range routed to its adapter (as a packed training microbatch)."""
+        input_ids, position_ids, joined = join_packed([collate_packed(c, pad_id=self.pad_id) for _, c in chunks])
+        segments = [(index[job.job_id], g.spans[0][0], g.spans[-1][1]) for (job, _), g in zip(chunks, joined)]
+        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
+        out = []
+        self.model.eval()
+        try:
+            with self._base_pass(backward=False), torch.no_grad(), \
+                    self.router.route(segments, tokens=input_ids.numel()):
+                hidden = self._forward_hidden(input_ids, None, position_ids)  # (1, N, C)
+                for g in joined:
+                    g = g.to(self.device)
+                    logits = self._head(gather_packed(hidden, g.loss_positions))
+                    out.append((float(loss_per_sample(logits, g).sum()), float(correct_per_sample(logits, g).sum()),
+                                g.batch_size))
         finally:
             self.model.train()
         return out

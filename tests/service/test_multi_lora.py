@@ -340,6 +340,32 @@ def test_eval_equals_ferrytune_eval_alone_exactly_and_packed_within_rounding(set
         assert got["eval_loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=0)
 
 
+def test_packing_evaluates_without_padding_like_ferrytune_eval(setup, tmp_path):
+    """``packing=True``: eval forwards put the pending chunks' sequences end to end in one row too
+    (each job's range routed to its adapter); accuracy and sample count equal ``ferrytune eval`` of
+    the exported adapter, the loss within float32 rounding (other GEMM shapes)."""
+    from ferrytune.config import config_from_dict
+    from ferrytune.launch.train import run_eval
+
+    d, base, configs = setup
+    ev_a = write_classification(d / "evp-a.jsonl", 21, seed=21)
+    ev_b = write_completion(d / "evp-b.jsonl", 17, seed=22)
+    cfgs = {"a": _with_eval(configs["a"], ev_a, eval_every_steps=2), "b": _with_eval(configs["b"], ev_b)}
+    trainer = MultiLoraTrainer(base, eval_tokens=512, packing=True)
+    rows = []
+    real = trainer._forward_hidden
+    trainer._forward_hidden = lambda ids, mask, pos=None: rows.append((ids.shape[0], mask is None and pos is not None)) \
+        or real(ids, mask, pos)
+    results = _train_with_evals(trainer, cfgs, tmp_path / "packed")
+    assert rows and all(r == (1, True) for r in rows), "every forward (training and eval) is one packed row"
+    for job_id in cfgs:
+        out = trainer.export(job_id, tmp_path / f"export-{job_id}")
+        cfg = config_from_dict({**cfgs[job_id], "output_dir": str(tmp_path / "unused")}, source="test")
+        ref, got = run_eval(cfg, checkpoint=str(out)), results[job_id][-1]
+        assert got["eval_accuracy"] == ref["accuracy"] and got["eval_samples"] == ref["samples"]
+        assert got["eval_loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=0)
+
+
 def test_an_eval_runs_in_slices_between_a_neighbours_steps(setup, tmp_path):
     """With eval_slice_s = 0 a worker runs ONE eval forward between two packed steps: a neighbour's
     step waits one forward for another job's eval, never the whole eval."""
