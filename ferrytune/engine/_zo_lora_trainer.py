@@ -18,6 +18,11 @@ per micro-batch for all 2q forwards.
 
 (α = ``zo.hessian_smooth``), the update using the H the step perturbed with; E[g u] ≈ H^-1 ∇f: the
 Hessian-preconditioned step. The H update is HiZOO's (its Σ^{-1} is our H).
+
+Every step appends ``(step, seed, g_k, lr)`` (HiZOO: and ``D_k``, ``curv``) to ``zo_log.jsonl``, as the
+full-model trainer does: from the initial adapter (the seed's, or ``lora.init_from``) the log rebuilds
+the run's adapter without a forward (:meth:`ZOLoraTrainer.replay`, ``ferrytune replay``), bit for bit:
+the replay runs the same chain on copies and the same update (momentum and H included).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._loop import StepResult
 from ferrytune.engine._zo_math import ZOHyper, chained_copies, zo_update_
 from ferrytune.data import pad_positions
-from ferrytune.engine._zo_trainer import grads_from, streams_for
+from ferrytune.engine._zo_trainer import append_zo_log, grads_from, read_zo_log, streams_for, trim_zo_log
 from ferrytune.errors import CheckpointError
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.lora import Adapter, Router, attach
@@ -81,6 +86,8 @@ class ZOLoraTrainer(LoraTrainer):
                                           "resume it with the zo settings it was trained with")
                 for h, v in zip(self.hessian, torch.load(self.ckpt / HESSIAN_NAME)):
                     h.copy_(v)
+        if self.mesh.is_main and not self.read_only:
+            trim_zo_log(self.output_dir, self.start_step)
 
     def _eval_handle(self):
         return attach(self.rt.layout.model, [self.adapter])
@@ -130,6 +137,9 @@ class ZOLoraTrainer(LoraTrainer):
         lr = lr_at(step, t)
         self._update(step, grads, restored, lr, curv)
         self.agree.update(*grads, lr)
+        if self.mesh.is_main:
+            append_zo_log(self.output_dir, {"step": step, "seed": t.seed, "grads": grads, "lr": lr,
+                                            **({} if curv is None else {"curv": curv})})
         return StepResult(loss, lr, sum(int(m.attention_mask.sum()) for m in micro) * S, {"grad": grads[0]})
 
     def _perturbed_values(self, step: int) -> tuple[dict, list[torch.Tensor]]:
@@ -169,6 +179,18 @@ class ZOLoraTrainer(LoraTrainer):
                     for k, d in enumerate(curv):
                         new = new + (a * d / q) * (h * raw[k][i] * raw[k][i])
                     h.copy_(new)
+
+    def replay(self, log_path: Path, *, to_step: int | None = None) -> Path:
+        """Rebuild the run's adapter from the initial one and ``zo_log.jsonl`` (no data, no forward):
+        per logged step the chain on copies and the update, as :meth:`train_step` ran them. Writes
+        ``OUTPUT_DIR/replayed/`` (a PEFT folder) and returns it."""
+        entries = read_zo_log(log_path, start_step=self.start_step, seed=self.cfg.train.seed, to_step=to_step)
+        for e in entries:
+            _, restored = self._perturbed_values(e["step"])
+            self._update(e["step"], list(e["grads"]), restored, float(e["lr"]), e.get("curv"))
+        dest = self.output_dir / "replayed"
+        self.save_final(dest)
+        return dest
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:

@@ -35,6 +35,34 @@ logger = logging.getLogger(__name__)
 ZO_LOG = "zo_log.jsonl"
 
 
+def append_zo_log(output_dir: Path, entry: dict) -> None:
+    """Append one step's line to ``output_dir/zo_log.jsonl`` (the main rank only calls it)."""
+    with open(Path(output_dir) / ZO_LOG, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def trim_zo_log(output_dir: Path, start_step: int) -> None:
+    """Drop the log lines of steps >= ``start_step`` (a resumed run logs them again)."""
+    path = Path(output_dir) / ZO_LOG
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start_step]
+        path.write_text("".join(k + "\n" for k in keep))
+
+
+def read_zo_log(log_path: Path, *, start_step: int, seed: int, to_step: int | None = None) -> list[dict]:
+    """The log's entries from ``start_step`` (up to ``to_step``), checked contiguous and of ``seed``."""
+    entries = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
+    if to_step is not None:
+        entries = [e for e in entries if e["step"] < to_step]
+    expected = list(range(start_step, start_step + len(entries)))
+    if [e["step"] for e in entries] != expected:
+        raise CheckpointError(f"{log_path}: steps are not contiguous from {start_step}")
+    for e in entries:
+        if e["seed"] != seed:
+            raise CheckpointError(f"{log_path}: step {e['step']} has seed {e['seed']}, config has train.seed={seed}")
+    return entries
+
+
 def streams_for(q: int, mesh: Mesh, estimator: str = "mezo") -> list[Stream]:
     """The (k, sign) streams this rank computes: all of them, or one sign under PertP. FZOO's are
     the unperturbed ``(0, 0)`` and ``(k, +1)`` for k < q (the config refuses it with PertP)."""
@@ -136,7 +164,7 @@ class ZOTrainer(StepLoop):
             self.engine.thresholds = self._mask_thresholds(hyper.mask_fraction)
         self._setup_data()
         if mesh.is_main and not self.read_only:
-            self._trim_log()
+            trim_zo_log(self.output_dir, self.start_step)
 
     def _mask_thresholds(self, fraction: float) -> dict[int, float]:
         """Sparse MeZO's h_p per parameter: from the run's initial weights (a resumed run reads them from
@@ -167,12 +195,6 @@ class ZOTrainer(StepLoop):
             for p in layout.blocks[b].params:
                 flat[p.offset:p.offset + p.numel].view(p.shape).copy_(tensors[p.name])
         return init
-
-    def _trim_log(self) -> None:
-        path = self.output_dir / ZO_LOG
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.start_step]
-            path.write_text("".join(k + "\n" for k in keep))
 
     # ----------------------------------------------------------------- step
     def train_step(self, step: int) -> StepResult:
@@ -215,16 +237,8 @@ class ZOTrainer(StepLoop):
         perturbation arithmetic are redone with z regenerated from the seed.
         Writes ``OUTPUT_DIR/replayed/`` and returns it.
         """
-        entries = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
-        if to_step is not None:
-            entries = [e for e in entries if e["step"] < to_step]
-        expected = list(range(self.start_step, self.start_step + len(entries)))
-        if [e["step"] for e in entries] != expected:
-            raise CheckpointError(f"{log_path}: steps are not contiguous from {self.start_step}")
+        entries = read_zo_log(log_path, start_step=self.start_step, seed=self.cfg.train.seed, to_step=to_step)
         for e in entries:
-            if e["seed"] != self.cfg.train.seed:
-                raise CheckpointError(f"{log_path}: step {e['step']} has seed {e['seed']}, config has "
-                                      f"train.seed={self.cfg.train.seed}")
             self.engine.replay_step(e["step"])
             self.engine.pending = PendingUpdate(e["step"], list(e["grads"]), float(e["lr"]))
         self.engine.flush()
@@ -237,9 +251,8 @@ class ZOTrainer(StepLoop):
         """``grads`` are the update's coefficients (MeZO: the projected gradients; FZOO: g_k / σ,
         with ``g`` and ``sigma`` beside them): replay needs nothing else."""
         if self.mesh.is_main:
-            with open(self.output_dir / ZO_LOG, "a") as f:
-                f.write(json.dumps({"step": step, "seed": self.cfg.train.seed, "grads": grads, "lr": lr,
-                                    **(extra or {})}) + "\n")
+            append_zo_log(self.output_dir, {"step": step, "seed": self.cfg.train.seed, "grads": grads, "lr": lr,
+                                            **(extra or {})})
 
     # ------------------------------------------------------ eval, checkpoint
     def evaluate(self, *, prefix: str = "") -> dict:

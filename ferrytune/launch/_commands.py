@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ferrytune.config import config_from_dict, load_config
+from ferrytune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,13 @@ def plan_command(args) -> int:
 
 
 def replay_command(args) -> int:
-    from ferrytune.engine import ZOTrainer
+    from ferrytune.engine import trainer_class
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.method != "zo":
+        raise ConfigError(f"method: replay rebuilds zo runs (from zo_log.jsonl); this config is method: {cfg.method}")
     cfg = cfg.model_copy(update={"resume": "never"})
-    trainer = ZOTrainer(cfg, read_only=True)  # reads the run's log; writes only OUTPUT_DIR/replayed/
+    trainer = trainer_class(cfg)(cfg, read_only=True)  # reads the run's log; writes only OUTPUT_DIR/replayed/
     trainer.setup()
     try:
         dest = trainer.replay(Path(args.log), to_step=args.to_step)
