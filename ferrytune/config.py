@@ -137,6 +137,7 @@ class ZOConfig(_Section):
     block_fraction: float = Field(1.0, gt=0, le=1, description="LeZO: fraction of blocks (the outer block and the layers) perturbed and updated per step, drawn from (train.seed, step); the others run unperturbed and are not written back. 1 = MeZO")
     estimator: Literal["mezo", "fzoo", "hizoo"] = Field("mezo", description="mezo: two-sided g_k = (f(θ+εz_k) - f(θ-εz_k)) / 2ε; fzoo (FZOO): one unperturbed forward and num_perturbations one-sided ones with Rademacher z, step normalised by the std of the perturbed losses; hizoo (HiZOO): MeZO with z scaled by H^-1/2, H a diagonal Hessian EMA from f(θ+εu)+f(θ-εu)-2f(θ) (zo.trainable: lora only)")
     hessian_smooth: float = Field(1e-6, gt=0, le=1, description="HiZOO: EMA weight alpha of the diagonal Hessian estimate (zo.estimator: hizoo only)")
+    routed_experts: bool = Field(False, description="MoE layers: perturb and update only the experts the routers pick in the step (by any stream); the others keep their bits (no z, no update, no weight decay). z of expert e is its own stream. Composes with block_fraction; mezo, zo.trainable: all, one process")
 
 
 class LoRAConfig(_Section):
@@ -326,6 +327,8 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
                                           "zo.trainable: lora"))
     if cfg.method == "zo" and cfg.zo.estimator == "fzoo":
         problems += _fzoo_problems(cfg)
+    if cfg.method == "zo" and cfg.zo.routed_experts:
+        problems += _routed_zo_problems(cfg)
     if cfg.method == "zo" and cfg.zo.estimator == "hizoo":
         problems += _hizoo_problems(cfg)
     # by value, not by fields set: a config that went through to_dict() (Ray, the service) sets every field
@@ -345,6 +348,21 @@ def _cross_field_problems(cfg: TrainConfig, *, check_device: bool) -> list[tuple
         if not torch.cuda.is_available():
             problems.append(("device", "'cuda' requested but CUDA is not available on this machine; set device: cpu"))
     return problems
+
+
+def _routed_zo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """What ``zo.routed_experts`` does not combine with (yet), one (key, message) each."""
+    z, out = cfg.zo, []
+    if z.estimator != "mezo":
+        out.append(("zo.routed_experts", f"runs with zo.estimator: mezo only (got {z.estimator!r}); set it to false"))
+    if z.trainable != "all":
+        out.append(("zo.routed_experts", "perturbs the model's experts: needs zo.trainable: all; set it to false"))
+    if z.mask_fraction < 1:
+        out.append(("zo.mask_fraction", "is not supported with zo.routed_experts; set it to 1"))
+    if cfg.parallel.data * cfg.parallel.perturbation != 1 or cfg.parallel.sliced_loading:
+        out.append(("zo.routed_experts", "runs in one process (ranks would route differently and would have to "
+                                         "agree on the experts to perturb); set it to false or run one process"))
+    return out
 
 
 def _fzoo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:

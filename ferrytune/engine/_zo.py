@@ -39,6 +39,16 @@ they are, f(θ) — and ``(k, +1)`` for the N one-sided perturbations, all stack
 forwards and a block only the pending update touched is the only one written back. The update is
 MeZO's with the coefficients ``g_k / σ`` (``fzoo_coefficients``), applied on arrival the same way.
 
+With ``zo.routed_experts`` (MoE layers) only the experts some stream's router picks in the step are
+perturbed and updated: a forward pre-hook on each MoE layer's experts module receives the routed
+``top_k_index`` and brings each newly routed expert's slices to where the chain of the other
+parameters is (``+εz``; in a ``-`` stream ``+εz, -2εz``), and every later link of the chain covers it
+too, so each perturbed expert sees exactly MeZO's ``+εz, -2εz, +εz``. The others are never touched
+(an unrouted expert cannot change the loss). The step's routed sets ``S_k`` per layer
+(``last_routed``) go with the pending update, which applies ``-lr·g_k/q·z_k`` to an expert's slices
+only where ``e ∈ S_k``, and into the log for replay. z of expert ``e`` of a fused tensor is a stream of
+its own (``expert_key``), so it does not depend on which other experts are perturbed.
+
 A tied weight (embedding = lm_head) is used by two units. The first unit runs its chain in place
 like its own parameters and keeps a copy of each perturbed value a later unit will need; the
 later units bind those copies, and the last ``θ-εz`` stays in place until the block closes, when
@@ -65,6 +75,13 @@ logger = logging.getLogger(__name__)
 SR_INDEX = 1 << 20  # perturbation index reserved for the stochastic-rounding stream
 
 
+def expert_key(seed: int, step: int, k: int, param_id: int, e: int) -> PerturbKey:
+    """z_k of expert ``e``'s slice of a fused expert tensor (``zo.routed_experts``): the index
+    ``(e + 2) << 20 | k`` is disjoint from the plain perturbation indices (``k < 2**20``) and from
+    ``SR_INDEX``; up to 1022 experts per tensor."""
+    return PerturbKey(seed, step, ((e + 2) << 20) | k, param_id)
+
+
 @dataclass
 class PendingUpdate:
     """Step ``step``'s update, waiting to be applied when each block is next fetched."""
@@ -73,6 +90,7 @@ class PendingUpdate:
     grads: list[float]  # projected gradient per perturbation
     lr: float
     done: set[str] = field(default_factory=set)
+    experts: dict[str, dict[int, set[int]]] | None = None  # zo.routed_experts: block -> k -> experts perturbed
 
 
 Stream = tuple[int, int]  # (perturbation index k, sign +1/-1); sign 0 = unperturbed (eval, FZOO's f(θ))
@@ -112,6 +130,19 @@ class ZOEngine:
         self._zc: torch.Tensor | None = None
         self._lo: torch.Tensor | None = None  # stochastic-rounding output, reused (see _round_buffer)
         self._ob: torch.Tensor | None = None  # FZOO's out-of-place θ+εz of one unit, reused (see _one_sided)
+        # zo.routed_experts: the MoE layers' expert layouts, a routing hook on each experts module
+        self._experts = {b: spec.experts for b, spec in layout.blocks.items()
+                         if hyper.routed_experts and spec.experts is not None}
+        self._expert_hooks = [ex.module.register_forward_pre_hook(self._routing_hook, with_kwargs=True)
+                              for ex in self._experts.values()]
+        self.last_routed: dict[str, dict[int, set[int]]] | None = None  # the last training pass's S_k per layer
+
+    def close(self) -> None:
+        """Remove the unit interception and the routing hooks."""
+        for h in self._expert_hooks:
+            h.remove()
+        self._expert_hooks = []
+        self.interceptor.uninstall()
 
     # ------------------------------------------------------------- one pass
     def run(self, step: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -146,6 +177,8 @@ class ZOEngine:
                 result = head_fn(logits)
             self._close_block(OUTER)
             ok = True
+            if self._experts and dirty and not all(s[1] == 0 for s in streams):
+                self.last_routed = self._pass.routed
         finally:
             self._pass = None
             for st in [self.streamer] + ([self.state_streamer] if momentum else []):
@@ -169,12 +202,14 @@ class ZOEngine:
             self.state_streamer.finish_pass()
         self.pending = None
 
-    def replay_step(self, step: int) -> None:
+    def replay_step(self, step: int, routed: dict[str, dict[int, set[int]]] | None = None) -> None:
         """Redo step ``step``'s weight arithmetic without its forwards (``ferrytune replay``).
 
         Applies the pending update and runs every parameter's in-place ``+εz, -2εz, +εz``
         chain, exactly as the training pass did, so replaying the (seed, g) log from the
-        initial weights reproduces the trained weights bit for bit.
+        initial weights reproduces the trained weights bit for bit. ``routed``
+        (``zo.routed_experts``): the step's logged ``S_k`` per layer; a fused expert tensor's
+        chain runs on those experts' slices only.
         """
         order = self._blocks
         self.streamer.start_pass(order)
@@ -190,8 +225,15 @@ class ZOEngine:
                 self._apply_update(b, flat)
             if b in active and self.h.estimator == "mezo":  # FZOO's forwards leave the weights untouched
                 touched = True
+                ex = self._experts.get(b)
                 for p in self.layout.blocks[b].params:
                     v = _view(flat, p)
+                    if ex is not None and any(p is f for f in ex.fused):
+                        for k, experts in sorted((routed or {}).get(b, {}).items()):
+                            for e in sorted(experts):
+                                for mult in CHAIN:
+                                    self._perturb_expert(v, step, k, p, e, mult * self.h.eps, ex)
+                        continue
                     for k in range(self.h.num_perturbations):
                         mask = self._mask(v, p)
                         for mult in CHAIN:
@@ -253,7 +295,9 @@ class ZOEngine:
         elif self.h.estimator == "fzoo":
             result = self._one_sided(unit, orig, flat, args, kwargs, n_total)
         else:
-            own = [p for p in unit.params if p.param_id not in self._shared]
+            ex = self._experts.get(unit.block_id)
+            fused = {p.param_id for p in ex.fused} if ex is not None else set()
+            own = [p for p in unit.params if p.param_id not in self._shared and p.param_id not in fused]
             shared = [p for p in unit.params if p.param_id in self._shared]
             by_stream: dict[tuple[int, int, int], Any] = {}
             ks = sorted({s[0] for s in ps.streams})
@@ -262,8 +306,11 @@ class ZOEngine:
                 later = [p for p in shared if p not in first]
                 last_k = k == ks[-1]
                 chain = _Chain(self, flat, own + first, ps.step, k)
+                ps.experts = None if ex is None else _ExpertChain(self, flat, ex, ps.step, k)
                 for sign, mult in zip(SIGNS, CHAIN):
                     chain.apply(mult)
+                    if ps.experts is not None:
+                        ps.experts.apply(mult)
                     for p in first:  # what later units bind: a copy, or (the last θ-εz) the block itself
                         keep = None if (last_k and sign == -1) or (k, sign) not in ps.streams else \
                             _view(flat, p).clone()
@@ -283,6 +330,10 @@ class ZOEngine:
                     ps.restore_at_close.update((p.param_id, (p, k, chain.masks[len(own) + i]))
                                                for i, p in enumerate(first))
                 chain.apply(CHAIN[2], first=len(own) if last_k else None)
+                if ps.experts is not None:
+                    ps.experts.apply(CHAIN[2])
+                    ps.routed.setdefault(unit.block_id, {})[k] = ps.experts.perturbed
+                    ps.experts = None
             for p in shared:
                 bind(p, _view(flat, p))
             outs = [by_stream[(k, sign, m)] for k, sign in ps.streams for m in range(ps.num_micro)]
@@ -324,6 +375,21 @@ class ZOEngine:
                 bind(p, _view(flat, p))
         return cat_rows(outs, [ps.rows] * len(outs))
 
+    def _routing_hook(self, module, args, kwargs) -> None:
+        """Forward pre-hook of a MoE layer's experts module: catch newly routed experts up with the chain."""
+        ps = self._pass
+        if ps is None or ps.experts is None:  # not a perturbed stream (eval, a block not drawn)
+            return
+        top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        ps.experts.route(torch.unique(top_k).tolist())
+
+    def _perturb_expert(self, v: torch.Tensor, step: int, k: int, p: ParamSpec, e: int, alpha: float,
+                        ex) -> None:
+        """``v[e] += alpha * z_k,e`` on expert ``e``'s slice of the fused tensor ``v`` (``expert_key``)."""
+        per = p.numel // ex.num_experts
+        add_perturbation_(v.view(-1)[e * per:(e + 1) * per], expert_key(self.h.seed, step, k, p.param_id, e),
+                          alpha=alpha, dist=self.h.distribution)
+
     def _round_buffer(self, numel: int) -> torch.Tensor:
         """A reusable store-dtype buffer for one parameter's rounded values. A fresh tensor per
         parameter and step made glibc's heap grow step after step (+0.3 GiB/step, bench_rss.py)."""
@@ -362,12 +428,15 @@ class ZOEngine:
         mom = None
         if self.state_streamer is not None:
             mom = self.state_streamer.acquire(b)
+        ex = self._experts.get(b)
         for p in self.layout.blocks[b].params:
             v = _view(flat, p)
-            mask = self._mask(v, p)
-            zo_update_(v, lambda t, k, a, p=p, m=mask: self._perturb(t, upd.step, k, p, a, m), upd.grads, lr=upd.lr,
-                       hyper=h,
-                       momentum=None if mom is None else _view(mom, p))
+            if ex is not None and any(p is f for f in ex.fused):
+                self._update_experts(b, v, p, ex, upd, None if mom is None else _view(mom, p))
+            else:
+                mask = self._mask(v, p)
+                zo_update_(v, lambda t, k, a, p=p, m=mask: self._perturb(t, upd.step, k, p, a, m), upd.grads,
+                           lr=upd.lr, hyper=h, momentum=None if mom is None else _view(mom, p))
             if self.store_dtype != torch.float32:
                 # bf16 masters: round stochastically so updates far below one ulp survive in expectation.
                 lo = self._round_buffer(p.numel).view(p.shape)
@@ -376,6 +445,50 @@ class ZOEngine:
         if mom is not None:
             self.state_streamer.release(b, dirty=True)
         upd.done.add(b)
+
+
+    def _update_experts(self, b: str, v: torch.Tensor, p: ParamSpec, ex, upd: PendingUpdate,
+                        mom: torch.Tensor | None) -> None:
+        """The update on the slices of the experts step ``upd.step`` perturbed (z_k,e only where e ∈ S_k);
+        the others keep their bits (weight decay and momentum included)."""
+        sets = (upd.experts or {}).get(b, {})
+        per = p.numel // ex.num_experts
+        for e in sorted(set().union(*sets.values()) if sets else ()):
+            def add_z(t, k, a, e=e):
+                if e in sets.get(k, ()):
+                    add_perturbation_(t, expert_key(self.h.seed, upd.step, k, p.param_id, e), alpha=a,
+                                      dist=self.h.distribution)
+            v_e = v.view(-1)[e * per:(e + 1) * per].view(p.shape[1:])
+            m_e = None if mom is None else mom.view(-1)[e * per:(e + 1) * per].view(p.shape[1:])
+            zo_update_(v_e, add_z, upd.grads, lr=upd.lr, hyper=self.h, momentum=m_e)
+
+
+class _ExpertChain:
+    """One perturbation k's chain on a MoE layer's fused expert tensors, expert by expert as routed.
+
+    ``applied``: the multipliers the layer's other parameters have had so far; an expert first routed
+    in a stream gets those (``route``), every later ``apply`` covers it, so each perturbed expert's
+    slices see exactly ``+εz, -2εz, +εz``."""
+
+    def __init__(self, engine: "ZOEngine", flat: torch.Tensor, ex, step: int, k: int) -> None:
+        self.e, self.flat, self.ex, self.step, self.k = engine, flat, ex, step, k
+        self.applied: list[int] = []
+        self.perturbed: set[int] = set()
+
+    def _add(self, e: int, mult: int) -> None:
+        for p in self.ex.fused:
+            self.e._perturb_expert(_view(self.flat, p), self.step, self.k, p, e, mult * self.e.h.eps, self.ex)
+
+    def apply(self, mult: int) -> None:
+        for e in sorted(self.perturbed):
+            self._add(e, mult)
+        self.applied.append(mult)
+
+    def route(self, experts) -> None:
+        for e in sorted({int(x) for x in experts if 0 <= int(x) < self.ex.num_experts} - self.perturbed):
+            for mult in self.applied:
+                self._add(e, mult)
+            self.perturbed.add(e)
 
 
 class _Chain:
@@ -424,6 +537,8 @@ class _PassState:
     open: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_cache: dict = field(default_factory=dict)  # (param_id, k) -> {sign: copy, or None: the block itself}
     restore_at_close: dict[int, tuple[ParamSpec, int, torch.Tensor | None]] = field(default_factory=dict)
+    experts: "_ExpertChain | None" = None  # zo.routed_experts: the chain of the unit computing now
+    routed: dict[str, dict[int, set[int]]] = field(default_factory=dict)  # block -> k -> experts perturbed
 
 
     def perturbs(self, b: str) -> bool:

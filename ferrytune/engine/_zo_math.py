@@ -33,6 +33,7 @@ class ZOHyper:
     block_fraction: float = 1.0
     mask_fraction: float = 1.0
     estimator: str = "mezo"  # "mezo" | "fzoo"
+    routed_experts: bool = False  # MoE: perturb and update only the experts routed to in the step
 
     @classmethod
     def from_config(cls, zo, train) -> "ZOHyper":
@@ -40,7 +41,7 @@ class ZOHyper:
         return cls(eps=zo.eps, num_perturbations=zo.num_perturbations, distribution=zo.distribution,
                    update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed,
                    block_fraction=zo.block_fraction, mask_fraction=zo.mask_fraction,
-                   estimator=zo.estimator)
+                   estimator=zo.estimator, routed_experts=zo.routed_experts)
 
 
 def fzoo_coefficients(l0: float, losses: Sequence[float], eps: float) -> tuple[list[float], float, list[float]]:

@@ -25,7 +25,7 @@ from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine
 from ferrytune.engine._zo_math import ZOHyper, fzoo_coefficients, mask_threshold
-from ferrytune.errors import CheckpointError
+from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
 from ferrytune.parallel import Mesh, all_reduce_sum_
@@ -144,6 +144,14 @@ class ZOTrainer(StepLoop):
         self.rt: Runtime = build_runtime(cfg.model, cfg.offload, device=cfg.device, nvme_subdir=sub,
                                          sliced_over=mesh if cfg.parallel.sliced_loading else None)
         rt = self.rt
+        problem = None
+        if cfg.zo.routed_experts and not any(s.experts is not None for s in rt.layout.blocks.values()):
+            problem = f"{cfg.model.path} has no MoE layers (no experts to route); set it to false"
+        elif cfg.zo.routed_experts and mesh.distributed:
+            problem = "runs in one process (ranks would route differently); set it to false or run one process"
+        if problem is not None:
+            rt.streamer.close()
+            raise ConfigError(f"zo.routed_experts: {problem}")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(source, rt.layout))
@@ -162,6 +170,7 @@ class ZOTrainer(StepLoop):
                                store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
         if hyper.mask_fraction < 1:
             self.engine.thresholds = self._mask_thresholds(hyper.mask_fraction)
+
         self._setup_data()
         if mesh.is_main and not self.read_only:
             trim_zo_log(self.output_dir, self.start_step)
@@ -213,8 +222,11 @@ class ZOTrainer(StepLoop):
         if not all(math.isfinite(g) for g in grads):
             raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
         lr = lr_at(step, t)
-        self.engine.pending = PendingUpdate(step, grads, lr)
+        routed = self.engine.last_routed if cfg.zo.routed_experts else None
+        self.engine.pending = PendingUpdate(step, grads, lr, experts=routed)
         self.agree.update(*grads, lr)
+        if routed is not None:  # replay needs the experts each perturbation's chain covered
+            extra = {**extra, "experts": {b: {str(k): sorted(es) for k, es in ks.items()} for b, ks in routed.items()}}
         self._log_step(step, grads, lr, extra)
         tokens = sum(int(m.attention_mask.sum()) for m in micro) * len(streams)
         return StepResult(loss, lr, tokens, {"grad": grads[0]})
@@ -239,8 +251,11 @@ class ZOTrainer(StepLoop):
         """
         entries = read_zo_log(log_path, start_step=self.start_step, seed=self.cfg.train.seed, to_step=to_step)
         for e in entries:
-            self.engine.replay_step(e["step"])
-            self.engine.pending = PendingUpdate(e["step"], list(e["grads"]), float(e["lr"]))
+            routed = None
+            if "experts" in e:
+                routed = {b: {int(k): set(es) for k, es in ks.items()} for b, ks in e["experts"].items()}
+            self.engine.replay_step(e["step"], routed)
+            self.engine.pending = PendingUpdate(e["step"], list(e["grads"]), float(e["lr"]), experts=routed)
         self.engine.flush()
         dest = self.output_dir / "replayed"
         end = self.start_step + len(entries)
@@ -325,7 +340,7 @@ class ZOTrainer(StepLoop):
 
     def close(self) -> None:
         try:
-            self.engine.interceptor.uninstall()
+            self.engine.close()
             if self.state_streamer is not None:
                 self.close_streamer(self.state_streamer)
         finally:

@@ -298,3 +298,155 @@ def test_layer_major_with_routed_reads_equals_micro_major(moe_path, cfg_factory,
     assert all(a < b for a, b in zip(lm_read, micro_read)), (lm_read, micro_read)
     by_expert = [r.get("expert_bytes_read", {}) for r in lm]
     assert all(by_expert) and all(k.split("/")[1] in {str(e) for e in ROUTED} for d in by_expert for k in d)
+
+
+# ----------------------------------------------------------------- ZO: zo.routed_experts
+def _fused(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _reference_routed_zo(cfg) -> tuple[dict[str, torch.Tensor], list[float], list[dict[str, set[int]]]]:
+    """MeZO's loop where a fused expert tensor's experts get z only if some forward of the step routes to
+    them: every expert is perturbed (z of expert e: its own key) so the forwards see what the engine's
+    lazily perturbed ones see (an unrouted expert changes no output), then the unrouted ones get their
+    bits back and only the routed ones are updated. Returns (weights, losses, routed sets per step)."""
+    from mezo_testlib import PlainSetup
+
+    from ferrytune.engine._zo import expert_key
+    from ferrytune.kernels import PerturbKey, add_perturbation_
+
+    ref = PlainSetup(cfg)
+    t, zc = cfg.train, cfg.zo
+    experts = {f"layer.{i}": layer.mlp.experts for i, layer in enumerate(ref.model.model.layers)}
+    E = 8
+
+    def layer_of(name):
+        return "layer." + name.split(".layers.")[1].split(".")[0]
+
+    def add(i, n, p, step, alpha, only=None):
+        if not _fused(n):
+            add_perturbation_(p, PerturbKey(t.seed, step, 0, i), alpha=alpha, dist=zc.distribution)
+            return
+        per = p.numel() // E
+        for e in range(E) if only is None else sorted(only):
+            add_perturbation_(p.view(-1)[e * per:(e + 1) * per], expert_key(t.seed, step, 0, i, e), alpha=alpha,
+                              dist=zc.distribution)
+
+    losses, history = [], []
+    with torch.no_grad():
+        for step in range(t.steps):
+            batch = ref.batch(step)
+            before = {n: p.clone() for n, p in ref.params if _fused(n)}
+            seen, handles = _record_routing(experts)
+            for i, (n, p) in enumerate(ref.params):
+                add(i, n, p, step, zc.eps)
+            lp = ref.loss(batch)
+            for i, (n, p) in enumerate(ref.params):
+                add(i, n, p, step, -2 * zc.eps)
+            lm = ref.loss(batch)
+            for i, (n, p) in enumerate(ref.params):
+                add(i, n, p, step, zc.eps)
+            for h in handles:
+                h.remove()
+            for n, p in ref.params:  # the unrouted experts keep their bits
+                if _fused(n):
+                    per = p.numel() // E
+                    for e in set(range(E)) - seen[layer_of(n)]:
+                        p.view(-1)[e * per:(e + 1) * per].copy_(before[n].view(-1)[e * per:(e + 1) * per])
+            g = (lp - lm) / (2 * zc.eps)
+            losses.append((lp + lm) / 2)
+            for i, (n, p) in enumerate(ref.params):
+                only = seen[layer_of(n)] if _fused(n) else None
+                if t.weight_decay:
+                    if not _fused(n) and p.dim() >= 2:
+                        p.mul_(1.0 - t.lr * t.weight_decay)
+                    elif _fused(n):  # each updated expert's matrix
+                        per = p.numel() // E
+                        for e in sorted(only):
+                            p.view(-1)[e * per:(e + 1) * per].mul_(1.0 - t.lr * t.weight_decay)
+                add(i, n, p, step, -t.lr * g, only)
+            history.append({b: set(s) for b, s in seen.items()})
+    return ref.weights(), losses, history
+
+
+def _zo_routed_cfg(cfg_factory, path, **kw):
+    sections = {"data": {"eval": None, "max_length": 16}, "zo": {"routed_experts": True, "eps": 1e-2},
+                "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "weight_decay": 0.1}}
+    for k, v in kw.items():
+        sections[k] = {**sections.get(k, {}), **v}
+    return cfg_factory(path, **sections)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_zo_routed_experts_equals_plain_loop(moe_path, cfg_factory, arch):
+    from ferrytune.launch.train import run
+
+    path = moe_path(arch)
+    cfg = _zo_routed_cfg(cfg_factory, path)
+    ref_w, ref_l, routed = _reference_routed_zo(cfg)
+    run(cfg, progress=False)
+    got = _model_weights(f"{cfg.output_dir}/final")  # saved under the checkpoint's names: loaded back
+    assert [json.loads(x)["loss"] for x in open(f"{cfg.output_dir}/metrics.jsonl") if '"loss"' in x] == ref_l
+    for name, w in ref_w.items():
+        assert torch.equal(got[name], w), name
+    logged = [json.loads(x)["experts"] for x in open(f"{cfg.output_dir}/zo_log.jsonl")]
+    assert [{b: set(ks["0"]) for b, ks in e.items()} for e in logged] == routed
+    base = _model_weights(path)
+    fused = [n for n in got if _fused(n)]
+    assert fused
+    for name in fused:
+        per = got[name].numel() // 8
+        for e in range(8):  # experts 4-7 are never routed to: their bits are the checkpoint's
+            moved = not torch.equal(got[name].view(-1)[e * per:(e + 1) * per], base[name].view(-1)[e * per:(e + 1) * per])
+            assert moved == (e in ROUTED), (name, e)
+
+
+def _model_weights(folder) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in load_resident_model(str(folder)).named_parameters()}
+
+
+def test_zo_routed_experts_tiers_block_sparsity_resume_and_replay(moe_path, cfg_factory):
+    from mezo_testlib import resumed_and_replayed
+
+    from ferrytune.launch.train import run
+
+    path = moe_path("mixtral")
+    out = {}
+    for tier in ("resident", "host", "nvme"):
+        cfg = _zo_routed_cfg(cfg_factory, path, zo={"block_fraction": 0.6}, offload={"tier": tier, "prefetch_depth": 1},
+                             model={"store_dtype": "float32"})
+        run(cfg, progress=False)
+        out[tier] = _model_weights(f"{cfg.output_dir}/final")
+    assert all(torch.equal(out[t][k], out["resident"][k]) for t in ("host", "nvme") for k in out["resident"])
+    # a bf16 store: updates are rounded stochastically per tensor; the unrouted experts still keep their bits
+    bf16 = _zo_routed_cfg(cfg_factory, path, offload={"tier": "nvme", "prefetch_depth": 1},
+                          model={"store_dtype": "bfloat16"})
+    run(bf16, progress=False)
+    got, base = _model_weights(f"{bf16.output_dir}/final"), _model_weights(path)
+    for name in (n for n in got if _fused(n)):
+        per = got[name].numel() // 8
+        for e in range(8):
+            start = base[name].view(-1)[e * per:(e + 1) * per].bfloat16().float()  # the store's rounding of it
+            same = torch.equal(got[name].view(-1)[e * per:(e + 1) * per], start)
+            assert same == (e not in ROUTED), (name, e)
+    cfg = _zo_routed_cfg(cfg_factory, path, train={"steps": 5, "checkpoint_every_steps": 2})
+    resumed, replayed = resumed_and_replayed(cfg)
+    straight = _zo_routed_cfg(cfg_factory, path, train={"steps": 5})
+    run(straight, progress=False)
+    want = load_file(f"{straight.output_dir}/final/model.safetensors")
+    assert all(torch.equal(resumed[k], want[k]) and torch.equal(replayed[k], want[k]) for k in want)
+
+
+def test_zo_routed_experts_refuses_what_it_does_not_run(moe_path, tiny_models, cfg_factory):
+    from ferrytune.errors import ConfigError
+    from ferrytune.launch.train import run
+
+    path = moe_path("mixtral")
+    with pytest.raises(ConfigError, match=r"zo.routed_experts: runs with zo.estimator: mezo only"):
+        _zo_routed_cfg(cfg_factory, path, zo={"estimator": "fzoo", "distribution": "rademacher",
+                                              "num_perturbations": 2})
+    with pytest.raises(ConfigError, match=r"zo.routed_experts: runs in one process"):
+        _zo_routed_cfg(cfg_factory, path, parallel={"data": 2})
+    dense = _zo_routed_cfg(cfg_factory, tiny_models("llama", layers=2, hidden=32))
+    with pytest.raises(ConfigError, match=r"zo.routed_experts: .* has no MoE layers"):
+        run(dense, progress=False)
