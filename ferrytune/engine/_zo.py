@@ -259,8 +259,9 @@ class ZOEngine:
     def _open_block(self, b: str) -> None:
         flat = self.streamer.acquire(b)
         if self._pass.dirty and self._needs_update(b):
-            self._apply_update(b, flat)
+            updated = self._apply_update(b, flat)
             self._pass.touched.add(b)
+            self._pass.changed_experts.setdefault(b, set()).update(updated)
         for p in self.layout.blocks[b].params:
             bind(p, _view(flat, p))
         self._pass.open[b] = flat
@@ -275,7 +276,12 @@ class ZOEngine:
             bind(p, None)
         ps = self._pass
         perturbed_in_place = ps.perturbs(b) and self.h.estimator == "mezo"  # FZOO perturbs copies
-        self.streamer.release(b, dirty=ps.dirty and (b in ps.touched or perturbed_in_place))
+        dirty = ps.dirty and (b in ps.touched or perturbed_in_place)
+        ranges, ex = None, self._experts.get(b)
+        if dirty and ex is not None:  # routed experts: the dense part and the experts that changed, only
+            changed = ps.changed_experts.get(b, set()).union(*ps.routed.get(b, {}).values())
+            ranges = [(0, ex.dense_numel)] + [r for e in sorted(changed) for r in ex.ranges(e)]
+        self.streamer.release(b, dirty=dirty, ranges=ranges)
 
     # -------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -422,7 +428,8 @@ class ZOEngine:
         return (v.abs() <= self.thresholds[p.param_id]).to(v.dtype)
 
     # ------------------------------------------------------------ the update
-    def _apply_update(self, b: str, flat: torch.Tensor) -> None:
+    def _apply_update(self, b: str, flat: torch.Tensor) -> set[int]:
+        """The pending update on block ``b``; returns the experts it changed (``zo.routed_experts``)."""
         upd = self.pending
         h = self.h
         mom = None
@@ -445,6 +452,8 @@ class ZOEngine:
         if mom is not None:
             self.state_streamer.release(b, dirty=True)
         upd.done.add(b)
+        sets = (upd.experts or {}).get(b, {}) if ex is not None else {}
+        return set().union(*sets.values()) if sets else set()
 
 
     def _update_experts(self, b: str, v: torch.Tensor, p: ParamSpec, ex, upd: PendingUpdate,
@@ -539,6 +548,7 @@ class _PassState:
     restore_at_close: dict[int, tuple[ParamSpec, int, torch.Tensor | None]] = field(default_factory=dict)
     experts: "_ExpertChain | None" = None  # zo.routed_experts: the chain of the unit computing now
     routed: dict[str, dict[int, set[int]]] = field(default_factory=dict)  # block -> k -> experts perturbed
+    changed_experts: dict[str, set[int]] = field(default_factory=dict)  # block -> experts the update changed
 
 
     def perturbs(self, b: str) -> bool:

@@ -391,8 +391,9 @@ class BlockStreamer:
             self.stats.count_expert_read(tier.value, b, e, sum(n for o, n in zip(owner, nbytes) if o == e), seconds)
         return sum(nbytes)
 
-    def release(self, b: str, *, dirty: bool) -> None:
-        """Hand block ``b`` back; a dirty block is written to its home in the background."""
+    def release(self, b: str, *, dirty: bool, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Hand block ``b`` back; a dirty block is written to its home in the background (only its element
+        ``ranges``, when given and the home can: the rest of the block did not change)."""
         slots = self._in_use.get(b)
         if not slots:  # a resident master: updated in place
             return
@@ -415,7 +416,7 @@ class BlockStreamer:
                 raise StreamerError(f"streamer: block {b} holds only its routed experts; it cannot be written back")
             _move(slot, SlotState.WRITING)
             slot.holds = None  # its compute-dtype contents differ from the rounded master: never reuse
-            fut = self._writer.submit(self._write_back, b, slot, freed)
+            fut = self._writer.submit(self._write_back, b, slot, freed, ranges)
             slot.written = fut
             self._pending_write[b] = fut
         fut.add_done_callback(lambda f, slot=slot, b=b: self._write_done(f, slot, b))
@@ -431,11 +432,12 @@ class BlockStreamer:
             if self._pending_write.get(b) is fut:
                 del self._pending_write[b]
 
-    def _write_back(self, b: str, slot: Slot, freed_ev) -> None:
+    def _write_back(self, b: str, slot: Slot, freed_ev, ranges: list[tuple[int, int]] | None = None) -> None:
         t0 = time.perf_counter()
         tier = self.plan.home[b]
         self._copier.after(freed_ev)
-        nbytes = write_from(self._homes[tier], b, slot.working[: self.numel[b]], slot.staging, self._copier)
+        nbytes = write_from(self._homes[tier], b, slot.working[: self.numel[b]], slot.staging, self._copier,
+                            ranges=ranges)
         self.stats.count_write(tier.value, nbytes, time.perf_counter() - t0)
 
     def finish_pass(self) -> None:

@@ -11,6 +11,10 @@ a home can wrap another (sliced loading wraps the host and NVMe homes: ``paralle
   makes them durable (NVMe: writes the record);
 * ``source_range(b, lo, hi, staging)`` (optional: NVMe and host homes) — elements ``[lo, hi)`` of the
   master and the tier's bytes for them (MoE routed-only reads: one expert's ranges, or the dense part);
+* ``commit_ranges(b, staging, ranges)`` (optional: not sliced homes) — write back only the element
+  ``ranges`` of ``b``; returns the bytes written (MoE ZO: the dense part and the experts that changed).
+  ``partial_target``: the target is the master itself, so only the ranges are copied into it; otherwise
+  the whole block is cast into the target (an NVMe record's checksum covers all of it);
 * ``nbytes(b)`` — bytes the tier moves per read or write of ``b``; ``collective`` — whether ``source``
   is a collective call; ``host_bytes`` — host memory held; ``close()`` — release it all (idempotent).
 
@@ -74,14 +78,23 @@ def read_ranges_into(home: Home, b: str, work: torch.Tensor, ranges: list[tuple[
     return [n for _, n in srcs]
 
 
-def write_from(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier) -> int:
+def write_from(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier,
+               ranges: list[tuple[int, int]] | None = None) -> int:
     """The master from the working copy (rounded to the store dtype in the copy); returns the tier's bytes.
+    ``ranges``: only these element ranges changed; a home with ``commit_ranges`` writes only them.
 
     With zero copy an NVMe staging buffer *is* the working buffer: the kept part ``[lo, hi)`` and
     the destination ``[0, hi - lo)`` are then the same memory (lo = 0) or disjoint (a slice, lo >= hi - lo).
     """
     lo, hi = home.span(b)
     dst = home.target(b, staging)
+    if ranges is not None and hasattr(home, "commit_ranges"):
+        if getattr(home, "partial_target", False):
+            for rlo, rhi in ranges:
+                copier.copy_out(dst[rlo:rhi], work[rlo:rhi])
+        else:
+            copier.copy_out(dst[: hi - lo], work[lo:hi])
+        return home.commit_ranges(b, staging, ranges)
     copier.copy_out(dst[: hi - lo], work[lo:hi])
     dst[hi - lo:].zero_()  # a slice's padding past the block's end stays zero
     home.commit(b, staging)

@@ -75,6 +75,14 @@ class NvmeHome:
     def commit(self, b: str, staging: Any) -> None:
         self.store.write(b, staging, self.nbytes(b))
 
+    def commit_ranges(self, b: str, staging: Any, ranges: list[tuple[int, int]]) -> int:
+        """Write back only elements ``ranges`` of the record (``staging`` holds the whole block: the
+        checksum covers it all), each widened to whole pages; returns the bytes written."""
+        padded = self.store.record(b).padded_bytes
+        pages = [(lo * self._es // PAGE_BYTES * PAGE_BYTES, min(-(-hi * self._es // PAGE_BYTES) * PAGE_BYTES, padded))
+                 for lo, hi in ranges if hi > lo]
+        return self.store.write_ranges(b, staging, pages) if pages else 0
+
     def nbytes(self, b: str) -> int:
         return self.numel[b] * self._es
 

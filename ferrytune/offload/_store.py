@@ -372,6 +372,41 @@ class NvmeBlockStore:
         pfut.add_done_callback(payload_done)
         return outer
 
+    def write_ranges(self, block_id: str, buf: HostBuffer | Any, ranges: list[tuple[int, int]]) -> int:
+        """Write only the payload bytes ``ranges`` (page-aligned ``[lo, hi)``, inside the padded payload)
+        of ``buf``, then the header. ``buf`` holds the whole record as it now is: the checksum covers the
+        whole payload, so the record verifies on a whole read like one written whole (MoE: a block whose
+        unrouted experts did not change). Returns the payload bytes written; blocks until done."""
+        rec, payload = self._payload_view(block_id, buf)
+        merged: list[list[int]] = []
+        for lo, hi in sorted(ranges):
+            if lo % PAGE_BYTES or hi % PAGE_BYTES or not 0 <= lo < hi <= rec.padded_bytes:
+                raise StoreError(f"record {block_id!r}: range [{lo}, {hi}) is not page-aligned inside "
+                                 f"its {rec.padded_bytes} padded bytes")
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        fd = self._fds[rec.file]
+        with self._lock:
+            if block_id in self._writing or self._reading.get(block_id):
+                raise StoreError(f"record {block_id!r} already has IO in flight; wait for it before writing")
+            self._writing.add(block_id)
+            counter = self._counters.get(block_id, 0) + 1
+        try:
+            digest = record_checksum(self._algo, [granule_digests(self._algo, rec.nbytes)(0, payload)]) \
+                if self._algo else 0
+            futs = [self._backend.submit_write(fd, rec.offset + PAGE_BYTES + lo, payload[lo:hi]) for lo, hi in merged]
+            for f in futs:
+                f.result()
+            self._backend.submit_write(fd, rec.offset, memoryview(self._header(rec, counter, digest))).result()
+            with self._lock:
+                self._counters[block_id] = counter
+        finally:
+            with self._lock:
+                self._writing.discard(block_id)
+        return sum(hi - lo for lo, hi in merged)
+
     def submit_read(self, block_id: str, buf: HostBuffer | Any) -> Future[int]:
         """Start a read; the future yields the payload bytes or raises CorruptRecordError."""
         rec, payload = self._payload_view(block_id, buf)

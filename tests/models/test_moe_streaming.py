@@ -450,3 +450,41 @@ def test_zo_routed_experts_refuses_what_it_does_not_run(moe_path, tiny_models, c
     dense = _zo_routed_cfg(cfg_factory, tiny_models("llama", layers=2, hidden=32))
     with pytest.raises(ConfigError, match=r"zo.routed_experts: .* has no MoE layers"):
         run(dense, progress=False)
+
+
+@pytest.mark.parametrize("store", ["float32", "bfloat16"])
+def test_zo_routed_experts_write_back_only_what_changed(moe_path, cfg_factory, store):
+    """On NVMe a MoE block is written back as its dense part and the experts that changed in the step (the
+    pending update's S_{t-1} and the chain's S_t), each widened to whole pages, counted by the streamer;
+    the record's checksum still covers the whole block (every later whole read verifies it), and the run
+    equals resident."""
+    from ferrytune.launch.train import run
+
+    path = moe_path("mixtral")
+    es = 4 if store == "float32" else 2
+    cfgs = {tier: _zo_routed_cfg(cfg_factory, path, train={"steps": 4}, model={"store_dtype": store},
+                                 offload={"tier": tier, "prefetch_depth": 1, "verify_checksums": True})
+            for tier in ("resident", "nvme")}
+    for cfg in cfgs.values():
+        run(cfg, progress=False)
+    nv = cfgs["nvme"]
+    want, got = _model_weights(f"{cfgs['resident'].output_dir}/final"), _model_weights(f"{nv.output_dir}/final")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    layout = load_layout(path)
+    outer = layout.blocks[OUTER].numel * es  # the outer block (no experts) is written whole
+    logged = [{b: set().union(*map(set, ks.values())) for b, ks in json.loads(x)["experts"].items()}
+              for x in open(f"{nv.output_dir}/zo_log.jsonl")]
+    lines = [json.loads(x) for x in open(f"{nv.output_dir}/metrics.jsonl") if '"loss"' in x]
+
+    def pages(lo, hi):
+        return -(-hi * es // PAGE_BYTES) * PAGE_BYTES - lo * es // PAGE_BYTES * PAGE_BYTES
+
+    whole = outer + sum(layout.blocks[b].numel * es for b in layout.layer_blocks)
+    for step, line in enumerate(lines):
+        expected = outer
+        for b in layout.layer_blocks:
+            ex = layout.blocks[b].experts
+            changed = logged[step][b] | (logged[step - 1][b] if step else set())
+            expected += pages(0, ex.dense_numel) + sum(pages(lo, hi) for e in changed for lo, hi in ex.ranges(e))
+        assert line["bytes_written_nvme"] == expected, step
+        assert expected < whole

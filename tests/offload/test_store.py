@@ -334,3 +334,33 @@ def test_missing_xxhash_is_a_clear_error(tmp_path, backend, monkeypatch):
             NvmeBlockStore.open(tmp_path / "s", backend=backend)
     finally:
         _io.hash_fn.cache_clear()
+
+
+@pytest.mark.parametrize("checksum", ["xxh3_64", "crc32"])
+def test_write_ranges_writes_only_them_and_the_record_still_verifies(tmp_path, backend, checksum):
+    """``write_ranges``: only the given pages of the payload (and the header) reach the disk, the
+    checksum covers the whole payload as the buffer holds it, so a whole read verifies; bytes outside
+    the ranges that the buffer changed but the call did not write stay as they were on disk, and the
+    checksum then catches the mismatch."""
+    n = 3 * GRANULE_BYTES + 5000  # several checksum granules and a partial last page
+    with NvmeBlockStore.create(tmp_path / "s", {"b": n}, backend=backend, checksum=checksum) as store:
+        buf = _filled(n, 1)
+        store.write("b", buf)
+        new = bytearray(_payload(n, 2))
+        ranges = [(PAGE_BYTES, 3 * PAGE_BYTES), (2 * GRANULE_BYTES, 2 * GRANULE_BYTES + PAGE_BYTES),
+                  (2 * GRANULE_BYTES + PAGE_BYTES, 2 * GRANULE_BYTES + 3 * PAGE_BYTES)]  # the last two merge
+        for lo, hi in ranges:
+            buf[lo:hi] = new[lo:hi]
+        before = store.stats.bytes_written
+        assert store.write_ranges("b", buf, ranges) == 5 * PAGE_BYTES
+        assert store.stats.bytes_written - before == 5 * PAGE_BYTES + PAGE_BYTES  # + the header page
+        out = aligned_buffer(n)
+        assert store.read("b", out) == n  # verifies the whole record
+        assert out[:n] == buf[:n]
+        buf[0:10] = b"\0" * 10  # changed in the buffer, not in any range: the disk keeps the old bytes
+        store.write_ranges("b", buf, [(PAGE_BYTES, 2 * PAGE_BYTES)])
+        with pytest.raises(CorruptRecordError):
+            store.read("b", aligned_buffer(n))
+        for bad in ([(1, PAGE_BYTES)], [(0, 4 * GRANULE_BYTES)]):
+            with pytest.raises(StoreError, match="not page-aligned inside"):
+                store.write_ranges("b", buf, bad)
