@@ -256,8 +256,12 @@ class LoraTrainer(StepLoop):
         torch.save(self.optim.state_dict(), folder / OPTIM_NAME)
 
     def close(self) -> None:
+        """Release what ``setup`` opened; also after a ``setup`` that raised part-way."""
         try:
-            self.handle.remove()
-            self.engine.close()
+            if getattr(self, "handle", None) is not None:
+                self.handle.remove()
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()
         finally:
-            self.close_streamer(self.rt.streamer)
+            if getattr(self, "rt", None) is not None:
+                self.close_streamer(self.rt.streamer)

@@ -149,8 +149,7 @@ class ZOTrainer(StepLoop):
             problem = f"{cfg.model.path} has no MoE layers (no experts to route); set it to false"
         elif cfg.zo.routed_experts and mesh.distributed:
             problem = "runs in one process (ranks would route differently); set it to false or run one process"
-        if problem is not None:
-            rt.streamer.close()
+        if problem is not None:  # before the streamer opens: nothing to release yet
             raise ConfigError(f"zo.routed_experts: {problem}")
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         logger.info("plan:\n%s", rt.plan.describe())
@@ -339,10 +338,13 @@ class ZOTrainer(StepLoop):
         logger.info("saved %s", dest)
 
     def close(self) -> None:
+        """Release what ``setup`` opened; also after a ``setup`` that raised part-way."""
         try:
-            self.engine.close()
-            if self.state_streamer is not None:
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()
+            if getattr(self, "state_streamer", None) is not None:
                 self.close_streamer(self.state_streamer)
         finally:
-            self.close_streamer(self.rt.streamer)
+            if getattr(self, "rt", None) is not None:
+                self.close_streamer(self.rt.streamer)
 

@@ -99,8 +99,8 @@ def replay_command(args) -> int:
         raise ConfigError(f"method: replay rebuilds zo runs (from zo_log.jsonl); this config is method: {cfg.method}")
     cfg = cfg.model_copy(update={"resume": "never"})
     trainer = trainer_class(cfg)(cfg, read_only=True)  # reads the run's log; writes only OUTPUT_DIR/replayed/
-    trainer.setup()
     try:
+        trainer.setup()
         dest = trainer.replay(Path(args.log), to_step=args.to_step)
     finally:
         trainer.close()

@@ -33,8 +33,8 @@ def run(cfg, *, progress: bool = True, collective_timeout_s: float | None = None
     mesh = init_mesh(cfg.parallel, device=cfg.device, timeout_s=collective_timeout_s or COLLECTIVE_TIMEOUT_S)
     try:
         trainer = trainer_class(cfg)(cfg, mesh=mesh)
-        trainer.setup()
-        try:
+        try:  # close() also after a setup() that raised part-way (its streamer's threads and files)
+            trainer.setup()
             return trainer.train(progress=progress)
         finally:
             trainer.close()
@@ -61,8 +61,8 @@ def run_eval(cfg, *, checkpoint: str | None = None) -> dict:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     cfg = cfg.model_copy(update={"resume": "never", "method": "lora" if lora else "zo"})
     trainer = Trainer(cfg, read_only=True)  # writes nothing into (removes nothing from) output_dir
-    trainer.setup()
     try:
+        trainer.setup()
         return trainer.evaluate()
     finally:
         trainer.close()

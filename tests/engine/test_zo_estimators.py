@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 
 import pytest
 import torch
@@ -250,9 +251,13 @@ def test_hizoo_resume_from_a_mezo_checkpoint_is_refused(tiny_models, cfg_factory
     opts = dict(lora=LORA, data={"eval": None}, train={"steps": 3, "checkpoint_every_steps": 1})
     mezo = cfg_factory(path, zo={"trainable": "lora"}, **opts)
     run(mezo.model_copy(update={"train": mezo.train.model_copy(update={"steps": 2})}), progress=False)
-    hizoo = mezo.model_copy(update={"zo": mezo.zo.model_copy(update={"estimator": "hizoo"}), "resume": "auto"})
+    hizoo = mezo.model_copy(update={"zo": mezo.zo.model_copy(update={"estimator": "hizoo"}), "resume": "auto",
+                                    "offload": mezo.offload.model_copy(update={"tier": "nvme", "prefetch_depth": 1,
+                                                                               "nvme_dir": mezo.output_dir + "-nvme"})})
+    threads_before = {t.ident for t in threading.enumerate()}
     with pytest.raises(CheckpointError, match="zo_hessian"):
-        run(hizoo, progress=False)
+        run(hizoo, progress=False)  # refused in setup, after its streamer opened (threads, store files)
+    assert {t.ident for t in threading.enumerate()} <= threads_before, "the half-set-up trainer was not closed"
 
 
 @pytest.mark.parametrize("zo,parallel,key", [
