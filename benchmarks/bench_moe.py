@@ -167,6 +167,7 @@ def run_variant(name: str, routed: bool, args, model: Path, data: Path, work: Pa
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "offload": {"tier": "nvme", "nvme_dir": str(Path(args.nvme_dir or work) / f"store_{name}"),
                     "prefetch_depth": args.prefetch_depth, "routed_experts": routed,
+                    "activation_budget_gib": args.activation_budget_gib,
                     "verify_checksums": args.verify},
         "output_dir": str(work / f"run_{name}"), "resume": "never", "overwrite": True, "device": "cpu"})
     torch.set_num_threads(args.threads)
@@ -218,6 +219,8 @@ def main() -> None:
                     "verified, and hashing whole records on the IO threads would be a cost only 'all' pays)")
     ap.add_argument("--rounds", type=int, default=3, help="each round runs every variant once, in turn")
     ap.add_argument("--variants", default="routed,all", help="run order (both are needed for the table)")
+    ap.add_argument("--activation-budget-gib", type=float, default=None,
+                    help="offload.activation_budget_gib (0: every layer recomputes in backward, only its input kept)")
     ap.add_argument("--disk-ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the disk's O_DIRECT read ceiling (fio, best of parallel settings) in the stores' "
                     "directory first: each variant's step against its disk-bound time (bytes read / ceiling)")
