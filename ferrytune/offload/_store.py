@@ -331,17 +331,21 @@ class NvmeBlockStore:
         fut.add_done_callback(done)
         return outer
 
+    def _begin_write(self, block_id: str) -> int:
+        """Claim ``block_id`` for one write (no other IO on it in flight); returns its next counter."""
+        with self._lock:
+            if block_id in self._writing or self._reading.get(block_id):
+                raise StoreError(f"record {block_id!r} already has IO in flight; wait for it before writing")
+            self._writing.add(block_id)
+            return self._counters.get(block_id, 0) + 1
+
     def submit_write(self, block_id: str, buf: HostBuffer | Any, nbytes: int | None = None) -> Future[None]:
         """Start a write. The buffer must stay unchanged until the future is done."""
         rec, payload = self._payload_view(block_id, buf)
         if nbytes is not None and nbytes != rec.nbytes:
             raise StoreError(f"record {block_id!r} holds exactly {rec.nbytes} bytes, got nbytes={nbytes}")
         fd = self._fds[rec.file]
-        with self._lock:
-            if block_id in self._writing or self._reading.get(block_id):
-                raise StoreError(f"record {block_id!r} already has IO in flight; wait for it before writing")
-            self._writing.add(block_id)
-            counter = self._counters.get(block_id, 0) + 1
+        counter = self._begin_write(block_id)
         outer: Future[None] = Future()
         outer.set_running_or_notify_cancel()
 
@@ -388,11 +392,7 @@ class NvmeBlockStore:
             else:
                 merged.append([lo, hi])
         fd = self._fds[rec.file]
-        with self._lock:
-            if block_id in self._writing or self._reading.get(block_id):
-                raise StoreError(f"record {block_id!r} already has IO in flight; wait for it before writing")
-            self._writing.add(block_id)
-            counter = self._counters.get(block_id, 0) + 1
+        counter = self._begin_write(block_id)
         try:
             digest = record_checksum(self._algo, [granule_digests(self._algo, rec.nbytes)(0, payload)]) \
                 if self._algo else 0
