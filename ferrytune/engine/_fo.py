@@ -218,10 +218,16 @@ class FOEngine:
                 self.streamer.release(unit.block_id, dirty=False)
 
     def run_layer(self, unit: Unit, orig: Callable, hidden: torch.Tensor, rest: tuple, kwargs: dict,
-                  hooks: Callable[[torch.Tensor], Any] | None = None) -> Any:
-        """Acquire the layer's block, bind it, run the layer (inside ``hooks(flat)``, a context)."""
+                  hooks: Callable[[torch.Tensor], Any] | None = None, experts: set[int] | None = None) -> Any:
+        """Acquire the layer's block, bind it, run the layer (inside ``hooks(flat)``, a context).
+
+        ``experts`` (a recompute in backward): read them into the block before the layer runs. The
+        recompute routes to the same experts, so its routing hook then reads nothing: a read that
+        casts into the slot mid-forward would bump the version of tensors autograd already saved."""
         flat = self.streamer.acquire(unit.block_id)
         _bind_block(self.layout, unit.block_id, flat)
+        if experts:
+            self.streamer.fetch_experts(unit.block_id, experts)
         self._routed[unit.block_id] = set()
         try:
             self.layer_forwards[unit.block_id] += 1
@@ -333,6 +339,7 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(engine.device) if engine.device.type == "cuda" else None
         with torch.no_grad():
             out = engine.run_layer(unit, orig, hidden, rest, kwargs)
+        ctx.routed = engine._routed.pop(unit.block_id, set())  # MoE: read again before the recompute
         engine.streamer.release(unit.block_id, dirty=False)
         main, extra = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         box["extra"] = extra
@@ -350,7 +357,7 @@ class _StreamedLayer(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, engine.device)
             with torch.enable_grad():
-                out = engine.run_layer(ctx.unit, ctx.orig, h, ctx.rest, ctx.kwargs)
+                out = engine.run_layer(ctx.unit, ctx.orig, h, ctx.rest, ctx.kwargs, experts=ctx.routed)
                 main = out[0] if isinstance(out, tuple) else out
                 if main.requires_grad:
                     torch.autograd.backward(main, grad_out)
