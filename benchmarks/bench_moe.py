@@ -1,7 +1,8 @@
 """MoE LoRA from NVMe: routed-only expert reads (``offload.routed_experts``) against whole-block reads.
 
     python benchmarks/bench_moe.py --model-dir /tmp/moe-model --work /tmp/moe-work            # small: ~2 min
-    python benchmarks/bench_moe.py --model-dir /big/moe-15g --work /big/moe-work --size 15    # ~15 GB bf16 (not run here)
+    python benchmarks/bench_moe.py --model-dir /big/moe --work /big/work --size 26 --hidden 1024 --intermediate 2048 \
+        --variants routed --rounds 1 --steps 2 --activation-budget-gib 0      # 26 GB bf16: larger than 24 GiB of RAM, ~6 min
 
 A synthetic Mixtral-style model (hidden 512, 8 experts, top-2, 8 layers by default; ``--size GB`` picks
 the layer count for a ~GB bf16 checkpoint instead). Small models are built with random weights by
