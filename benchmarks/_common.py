@@ -187,6 +187,17 @@ def zo_config(model: Path | str, out: Path | str, tier: str, *, data: Path | str
     })
 
 
+def with_zo(cfg, settings: dict):
+    """``cfg`` with its ``zo`` section updated by ``settings`` (checked like a config file's)."""
+    if not settings:
+        return cfg
+    from ferrytune.config import config_from_dict
+
+    d = cfg.to_dict()
+    d["zo"].update(settings)
+    return config_from_dict(d, source="benchmark zo settings")
+
+
 class KernelTimer:
     """Times the engine's calls of the perturbation and rounding kernels (wall seconds, cumulative).
 
