@@ -7,14 +7,14 @@ a home can wrap another (sliced loading wraps the host and NVMe homes: ``paralle
 * ``source(b, staging)`` — the master as a store-dtype tensor (an NVMe record is read into the
   slot's ``staging`` buffer; a sliced home all-gathers the slices);
 * ``span(b)`` — the ``(lo, hi)`` elements of the block this home keeps (the whole block, or this
-  rank's slice); ``target(b, staging)`` — where those elements' new bytes go, then ``commit(b, staging)``
-  makes them durable (NVMe: writes the record);
+  rank's slice); ``target(b, staging)`` — where those elements' new bytes go, then
+  ``commit(b, staging, ranges=None)`` makes them durable (NVMe: writes the record) and returns the
+  bytes written. With ``ranges`` only those element ranges changed (MoE ZO: the dense part and the
+  experts that changed): a home that can write less writes only them (a sliced home writes its
+  slice whole). ``partial_target``: the target is the master itself, so only the ranges need copying
+  into it; otherwise the whole block is cast into the target (an NVMe record's checksum covers all of it);
 * ``source_range(b, lo, hi, staging)`` (optional: NVMe and host homes) — elements ``[lo, hi)`` of the
   master and the tier's bytes for them (MoE routed-only reads: one expert's ranges, or the dense part);
-* ``commit_ranges(b, staging, ranges)`` (optional: not sliced homes) — write back only the element
-  ``ranges`` of ``b``; returns the bytes written (MoE ZO: the dense part and the experts that changed).
-  ``partial_target``: the target is the master itself, so only the ranges are copied into it; otherwise
-  the whole block is cast into the target (an NVMe record's checksum covers all of it);
 * ``nbytes(b)`` — bytes the tier moves per read or write of ``b``; ``collective`` — whether ``source``
   is a collective call; ``host_bytes`` — host memory held; ``close()`` — release it all (idempotent).
 
@@ -36,6 +36,7 @@ class Home(Protocol):
     tier: Tier
     collective: bool
     host_bytes: int
+    partial_target: bool
 
     def fill(self, b: str, values: torch.Tensor, staging: Any) -> None: ...
 
@@ -45,7 +46,7 @@ class Home(Protocol):
 
     def target(self, b: str, staging: Any) -> torch.Tensor: ...
 
-    def commit(self, b: str, staging: Any) -> None: ...
+    def commit(self, b: str, staging: Any, ranges: list[tuple[int, int]] | None = None) -> int: ...
 
     def nbytes(self, b: str) -> int: ...
 
@@ -81,24 +82,20 @@ def read_ranges_into(home: Home, b: str, work: torch.Tensor, ranges: list[tuple[
 def write_from(home: Home, b: str, work: torch.Tensor, staging: Any, copier: Copier,
                ranges: list[tuple[int, int]] | None = None) -> int:
     """The master from the working copy (rounded to the store dtype in the copy); returns the tier's bytes.
-    ``ranges``: only these element ranges changed; a home with ``commit_ranges`` writes only them.
+    ``ranges``: only these element ranges changed (the home's ``commit`` may write only them).
 
     With zero copy an NVMe staging buffer *is* the working buffer: the kept part ``[lo, hi)`` and
     the destination ``[0, hi - lo)`` are then the same memory (lo = 0) or disjoint (a slice, lo >= hi - lo).
     """
     lo, hi = home.span(b)
     dst = home.target(b, staging)
-    if ranges is not None and hasattr(home, "commit_ranges"):
-        if getattr(home, "partial_target", False):
-            for rlo, rhi in ranges:
-                copier.copy_out(dst[rlo:rhi], work[rlo:rhi])
-        else:
-            copier.copy_out(dst[: hi - lo], work[lo:hi])
-        return home.commit_ranges(b, staging, ranges)
-    copier.copy_out(dst[: hi - lo], work[lo:hi])
-    dst[hi - lo:].zero_()  # a slice's padding past the block's end stays zero
-    home.commit(b, staging)
-    return home.nbytes(b)
+    if ranges is not None and home.partial_target:
+        for rlo, rhi in ranges:
+            copier.copy_out(dst[rlo:rhi], work[rlo:rhi])
+    else:
+        copier.copy_out(dst[: hi - lo], work[lo:hi])
+        dst[hi - lo:].zero_()  # a slice's padding past the block's end stays zero
+    return home.commit(b, staging, ranges)
 
 
 def read_master(home: Home, b: str, out: torch.Tensor, staging: Any) -> None:

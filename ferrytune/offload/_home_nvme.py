@@ -72,12 +72,14 @@ class NvmeHome:
     def target(self, b: str, staging: Any) -> torch.Tensor:
         return staging.tensor(self.store_dtype, self.numel[b])
 
-    def commit(self, b: str, staging: Any) -> None:
-        self.store.write(b, staging, self.nbytes(b))
+    partial_target = False  # the record's checksum covers the whole block: staging gets all of it
 
-    def commit_ranges(self, b: str, staging: Any, ranges: list[tuple[int, int]]) -> int:
-        """Write back only elements ``ranges`` of the record (``staging`` holds the whole block: the
-        checksum covers it all), each widened to whole pages; returns the bytes written."""
+    def commit(self, b: str, staging: Any, ranges: list[tuple[int, int]] | None = None) -> int:
+        """Write the record; with ``ranges`` only those elements of it (``staging`` holds the whole
+        block: the checksum covers it all), each widened to whole pages. Returns the bytes written."""
+        if ranges is None:
+            self.store.write(b, staging, self.nbytes(b))
+            return self.nbytes(b)
         padded = self.store.record(b).padded_bytes
         pages = [(lo * self._es // PAGE_BYTES * PAGE_BYTES, min(-(-hi * self._es // PAGE_BYTES) * PAGE_BYTES, padded))
                  for lo, hi in ranges if hi > lo]

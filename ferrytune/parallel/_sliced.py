@@ -114,8 +114,11 @@ class SlicedHome:
     def target(self, b: str, staging: Any) -> torch.Tensor:
         return self.inner.target(b, staging)  # S elements
 
-    def commit(self, b: str, staging: Any) -> None:
-        self.inner.commit(b, staging)
+    partial_target = False  # the slice is written whole (its record's checksum covers it)
+
+    def commit(self, b: str, staging: Any, ranges: list[tuple[int, int]] | None = None) -> int:
+        """Writes this rank's slice whole (``ranges`` are the block's, not the slice's)."""
+        return self.inner.commit(b, staging)
 
     def nbytes(self, b: str) -> int:
         return self.inner.nbytes(b)
