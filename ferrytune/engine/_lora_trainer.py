@@ -137,11 +137,7 @@ class LoraTrainer(StepLoop):
                     # number of ranks and after a resume.
                     torch.manual_seed(micro_seed(t.seed, step, i * world + rank))
                     b = mb.to(dev)
-                    if self.cfg.data.packing:
-                        logits = self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
-                    else:
-                        logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
-                    per = loss_per_sample(logits, b)  # (B,): per sequence, packed or not
+                    per = loss_per_sample(self._forward(b), b)  # (B,): per sequence, packed or not
                     loss = per.sum() / t.batch_size
                     loss.backward()
                     loss_sum += float(per.detach().sum())
@@ -164,6 +160,13 @@ class LoraTrainer(StepLoop):
             real, padded = sum(int(m.attention_mask.sum()) for m in micro), sum(m.input_ids.numel() for m in micro)
         # tokens the forwards computed (padding included) beside the real ones, this rank
         return StepResult(loss, lr_at(step, t), real, {"real_tokens": real, "padded_tokens": padded})
+
+    def _forward(self, b):
+        """Logits at ``b``'s scored positions: packed rows go with their position ids and no mask (the
+        block-diagonal attention follows from them), padded rows with their attention mask."""
+        if self.cfg.data.packing:
+            return self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
+        return self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
 
     def _layer_major(self, step: int, micro: list) -> float:
         """The micro-batches of a step in layer-major order (``_layer_major.py``); the same seeds and
@@ -212,17 +215,14 @@ class LoraTrainer(StepLoop):
         totals = torch.zeros(3, dtype=torch.float64)
         self.rt.layout.model.eval()
         chunks = list(eval_batches(examples, micro_batch_size=mb, rank=self.mesh.dp_rank, world_size=self.mesh.data))
+        packed = self.cfg.data.packing  # each chunk's sequences end to end, as training runs them
         with torch.no_grad():
             for chunk in self.eval_progress(chunks):
-                packed = self.cfg.data.packing  # the chunk's sequences end to end, as training runs them
                 b = (collate_packed(chunk, pad_id=self.pad_id) if packed else
                      pad_positions([collate(chunk, pad_id=self.pad_id)])[0]).to(self.rt.device)
                 self.engine.begin_step(1, backward=False)
                 try:
-                    if packed:
-                        logits = self.engine.forward(b.input_ids, None, b.loss_positions, position_ids=b.position_ids)
-                    else:
-                        logits = self.engine.forward(b.input_ids, b.attention_mask, b.loss_positions)
+                    logits = self._forward(b)
                 except BaseException:
                     self.engine.end_step(failed=True)
                     raise

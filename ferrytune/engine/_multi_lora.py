@@ -52,6 +52,7 @@ import torch
 
 from ferrytune.config import TrainConfig, config_from_dict
 from ferrytune.data import (
+    Batch,
     Batcher,
     Example,
     collate,
@@ -352,14 +353,10 @@ class MultiLoraTrainer:
         Each job's sequences are one contiguous token range, routed to its adapter; the loss is the
         same per-sample sum over the job's batch size as :meth:`_forward_backward`'s.
         """
-        groups, segments = [], []  # per job: (job position, its packed batch); its token range
-        for a in sorted({a for a, _ in rows}):
-            groups.append((a, collate_packed([e for b, e in rows if b == a], pad_id=self.pad_id)))
-        input_ids, position_ids, joined = join_packed([g for _, g in groups])
-        for (a, _), g in zip(groups, joined):
-            segments.append((index[active[a].job_id], g.spans[0][0], g.spans[-1][1]))
-        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
-        groups = [(a, g.to(self.device)) for (a, _), g in zip(groups, joined)]
+        jobs = sorted({a for a, _ in rows})  # job positions in active
+        input_ids, position_ids, segments, joined = self._join_jobs(
+            [(index[active[a].job_id], collate_packed([e for b, e in rows if b == a], pad_id=self.pad_id)) for a in jobs])
+        groups = list(zip(jobs, joined))
         sums: dict[int, float] = {}
         with self._base_pass(), self.router.route(segments, tokens=input_ids.numel()):  # open through backward
             hidden = self._forward_hidden(input_ids, None, position_ids)  # (1, N, C)
@@ -370,6 +367,14 @@ class MultiLoraTrainer:
                 sums[a] = float(per_sample.detach().sum())
             loss.backward()
         return sums
+
+    def _join_jobs(self, parts: list[tuple[int, Batch]]) -> tuple[torch.Tensor, torch.Tensor, list, list[Batch]]:
+        """Several jobs' packed batches end to end in ONE row, each job's a contiguous token range for
+        the router. ``parts``: (the job's router index, its packed batch). Returns (input_ids,
+        position_ids, router segments, the batches re-based to the row), on the device."""
+        input_ids, position_ids, joined = join_packed([b for _, b in parts])
+        segments = [(i, g.spans[0][0], g.spans[-1][1]) for (i, _), g in zip(parts, joined)]
+        return input_ids.to(self.device), position_ids.to(self.device), segments, [g.to(self.device) for g in joined]
 
     @contextlib.contextmanager
     def _base_pass(self, *, backward: bool = True):
@@ -496,9 +501,8 @@ class MultiLoraTrainer:
     def _eval_forward_packed(self, chunks: list[tuple[_Job, list[Example]]], index: dict[str, int]) -> list[tuple]:
         """:meth:`_eval_forward` with the chunks' sequences end to end in ONE row, each job's a
         contiguous token range routed to its adapter (as a packed training microbatch)."""
-        input_ids, position_ids, joined = join_packed([collate_packed(c, pad_id=self.pad_id) for _, c in chunks])
-        segments = [(index[job.job_id], g.spans[0][0], g.spans[-1][1]) for (job, _), g in zip(chunks, joined)]
-        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
+        input_ids, position_ids, segments, joined = self._join_jobs(
+            [(index[job.job_id], collate_packed(c, pad_id=self.pad_id)) for job, c in chunks])
         out = []
         self.model.eval()
         try:
@@ -506,7 +510,6 @@ class MultiLoraTrainer:
                     self.router.route(segments, tokens=input_ids.numel()):
                 hidden = self._forward_hidden(input_ids, None, position_ids)  # (1, N, C)
                 for g in joined:
-                    g = g.to(self.device)
                     logits = self._head(gather_packed(hidden, g.loss_positions))
                     out.append((float(loss_per_sample(logits, g).sum()), float(correct_per_sample(logits, g).sum()),
                                 g.batch_size))
