@@ -135,7 +135,7 @@ class ZOConfig(_Section):
     trainable: Literal["all", "lora"] = Field("all", description="parameters zo perturbs: the whole model or only LoRA adapters")
     mask_fraction: float = Field(1.0, gt=0, le=1, description="Sparse MeZO: perturb and update only the parameters of small magnitude, |w| <= the mask_fraction quantile of |w| per tensor in the run's initial weights (mask recomputed on arrival). 1 = every parameter")
     block_fraction: float = Field(1.0, gt=0, le=1, description="LeZO: fraction of blocks (the outer block and the layers) perturbed and updated per step, drawn from (train.seed, step); the others run unperturbed and are not written back. 1 = MeZO")
-    estimator: Literal["mezo", "fzoo", "hizoo"] = Field("mezo", description="mezo: two-sided g_k = (f(θ+εz_k) - f(θ-εz_k)) / 2ε; fzoo (FZOO): one unperturbed forward and num_perturbations one-sided ones with Rademacher z, step normalised by the std of the perturbed losses; hizoo (HiZOO): MeZO with z scaled by H^-1/2, H a diagonal Hessian EMA from f(θ+εu)+f(θ-εu)-2f(θ) (zo.trainable: lora only)")
+    estimator: Literal["mezo", "fzoo", "hizoo"] = Field("mezo", description="mezo: two-sided g_k = (f(θ+εz_k) - f(θ-εz_k)) / 2ε; fzoo (FZOO): one unperturbed forward and num_perturbations one-sided ones with Rademacher z, step normalised by the std of the perturbed losses; hizoo (HiZOO): MeZO with z scaled by H^-1/2, H a diagonal Hessian EMA from f(θ+εu)+f(θ-εu)-2f(θ), one fp32 value per trained parameter, streamed like momentum (zo.trainable: all or lora)")
     hessian_smooth: float = Field(1e-6, gt=0, le=1, description="HiZOO: EMA weight alpha of the diagonal Hessian estimate (zo.estimator: hizoo only)")
     routed_experts: bool = Field(False, description="MoE layers: perturb and update only the experts the routers pick in the step (by any stream); the others keep their bits (no z, no update, no weight decay). z of expert e is its own stream. Composes with block_fraction; mezo, zo.trainable: all, one process")
 
@@ -387,14 +387,21 @@ def _fzoo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 def _hizoo_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
     """What ``zo.estimator: hizoo`` does not combine with, one (key, message) each."""
-    out = []
-    if cfg.zo.trainable != "lora":
-        out.append(("zo.trainable", "zo.estimator: hizoo keeps one fp32 Hessian value per trained parameter, "
-                                    "implemented for zo.trainable: lora (the adapters, held in memory) only; "
-                                    "set zo.trainable: lora"))
-    if cfg.parallel.perturbation != 1 or cfg.parallel.data != 1:
+    out, z = [], cfg.zo
+    if z.trainable == "lora" and (cfg.parallel.perturbation != 1 or cfg.parallel.data != 1):
         out.append(("parallel.data" if cfg.parallel.data != 1 else "parallel.perturbation",
-                    "zo.estimator: hizoo runs in one process only; set parallel.data and parallel.perturbation to 1"))
+                    "zo.estimator: hizoo with zo.trainable: lora runs in one process only; set parallel.data and "
+                    "parallel.perturbation to 1 (zo.trainable: all runs data-parallel)"))
+    if z.trainable == "all":
+        if cfg.parallel.perturbation != 1:
+            out.append(("parallel.perturbation", "zo.estimator: hizoo needs f(θ) beside the ± pair on one rank; "
+                                                 "set it to 1 (parallel.data works)"))
+        for key, off in (("mask_fraction", 1.0), ("block_fraction", 1.0), ("routed_experts", False)):
+            if getattr(z, key) != off:
+                out.append((f"zo.{key}", f"is not supported with zo.estimator: hizoo; set it to {str(off).lower()}"))
+        if cfg.parallel.sliced_loading:
+            out.append(("parallel.sliced_loading", "is not supported with zo.estimator: hizoo (its Hessian is "
+                                                   "streamed whole on every rank); set it to false"))
     return out
 
 

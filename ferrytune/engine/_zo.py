@@ -49,6 +49,14 @@ too, so each perturbed expert sees exactly MeZO's ``+εz, -2εz, +εz``. The oth
 only where ``e ∈ S_k``, and into the log for replay. z of expert ``e`` of a fused tensor is a stream of
 its own (``expert_key``), so it does not depend on which other experts are perturbed.
 
+With ``zo.estimator: hizoo`` (HiZOO, Zhao et al. 2024) a diagonal Hessian estimate H (fp32, one value
+per parameter, ``H_0 = 1``) is streamed beside the weights like momentum (``hessian_streamer``, same
+blocks). The pass adds the unperturbed stream ``(0, 0)`` (f(θ), run on each unit before its chain) and
+the chain adds ``u_k = z_k / sqrt(H)`` instead of z_k (``v.add_(u, alpha=mult·ε)``, u materialised). On
+arrival at step t+1 a block gets step t's update with the same u (H of step t), then
+``H ← (1-α) H + Σ_k (α D_k / q) (H z_k z_k)`` (``hessian_update_``; D_k from the pending update), then
+step t+1's chain with the new H.
+
 A tied weight (embedding = lm_head) is used by two units. The first unit runs its chain in place
 like its own parameters and keeps a copy of each perturbed value a later unit will need; the
 later units bind those copies, and the last ``θ-εz`` stays in place until the block closes, when
@@ -65,7 +73,7 @@ from typing import Any, Callable
 import torch
 
 from ferrytune.engine._units import UnitInterceptor, cat_rows, row_factors, slice_rows
-from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, zo_update_
+from ferrytune.engine._zo_math import CHAIN, SIGNS, ZOHyper, active_blocks, hessian_update_, zo_update_
 from ferrytune.kernels import PerturbKey, add_perturbation_, perturbation, stochastic_round_
 from ferrytune.models import OUTER, ModelLayout, ParamSpec, Unit, bind, logits_at
 from ferrytune.offload import BlockStreamer
@@ -91,6 +99,7 @@ class PendingUpdate:
     lr: float
     done: set[str] = field(default_factory=set)
     experts: dict[str, dict[int, set[int]]] | None = None  # zo.routed_experts: block -> k -> experts perturbed
+    curv: list[float] | None = None  # HiZOO: D_k per perturbation (the Hessian update's scalars)
 
 
 Stream = tuple[int, int]  # (perturbation index k, sign +1/-1); sign 0 = unperturbed (eval, FZOO's f(θ))
@@ -101,10 +110,14 @@ class ZOEngine:
 
     def __init__(self, layout: ModelLayout, streamer: BlockStreamer, hyper: ZOHyper, *,
                  device: torch.device, compute_dtype: torch.dtype, store_dtype: torch.dtype,
-                 state_streamer: BlockStreamer | None = None, z_cache_numel: int = 64 * 2**20) -> None:
+                 state_streamer: BlockStreamer | None = None, hessian_streamer: BlockStreamer | None = None,
+                 z_cache_numel: int = 64 * 2**20) -> None:
         self.layout = layout
         self.streamer = streamer
         self.state_streamer = state_streamer  # momentum, same blocks, fp32
+        self.hessian_streamer = hessian_streamer  # HiZOO's H, same blocks, fp32
+        if (hyper.estimator == "hizoo") != (hessian_streamer is not None):
+            raise ValueError("zo.estimator hizoo needs a hessian_streamer, and only it takes one")
         self.h = hyper
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
@@ -133,6 +146,7 @@ class ZOEngine:
         # zo.routed_experts: the MoE layers' expert layouts, a routing hook on each experts module
         self._experts = {b: spec.experts for b, spec in layout.blocks.items()
                          if hyper.routed_experts and spec.experts is not None}
+        self._fused = {p.param_id for ex in self._experts.values() for p in ex.fused}  # per-expert chains
         self._expert_hooks = [ex.module.register_forward_pre_hook(self._routing_hook, with_kwargs=True)
                               for ex in self._experts.values()]
         self.last_routed: dict[str, dict[int, set[int]]] | None = None  # the last training pass's S_k per layer
@@ -164,6 +178,10 @@ class ZOEngine:
             self.state_streamer.start_pass(updating)
         self._pass = _PassState(step=step, streams=streams, rows=rows_per_stream, dirty=dirty, num_micro=num_micro,
                                 active=frozenset() if all(s[1] == 0 for s in streams) else self.active(step))
+        hess = self.hessian_streamer is not None and dirty and bool(self._pass.active)
+        if hess:  # the chain reads H of every perturbed block, the update changes it
+            self._pass.hess = {}
+            self.hessian_streamer.start_pass([b for b in order if b in self._pass.active or b in updating])
         ok = False
         try:
             self._open_block(OUTER)
@@ -181,7 +199,8 @@ class ZOEngine:
                 self.last_routed = self._pass.routed
         finally:
             self._pass = None
-            for st in [self.streamer] + ([self.state_streamer] if momentum else []):
+            for st in ([self.streamer] + ([self.state_streamer] if momentum else [])
+                       + ([self.hessian_streamer] if hess else [])):
                 st.finish_pass() if ok else st.abort_pass()
         return result
 
@@ -190,16 +209,18 @@ class ZOEngine:
         if self.pending is None:
             return
         order = [b for b in self._blocks if self._needs_update(b)]
-        self.streamer.start_pass(order)
-        if self.state_streamer is not None:
-            self.state_streamer.start_pass(order)
+        states = [st for st in (self.state_streamer, self.hessian_streamer) if st is not None]
+        for st in [self.streamer] + states:
+            st.start_pass(order)
         for b in order:
             flat = self.streamer.acquire(b)
-            self._apply_update(b, flat)
+            hess = None if self.hessian_streamer is None else self.hessian_streamer.acquire(b)
+            self._apply_update(b, flat, hess)
             self.streamer.release(b, dirty=True)
-        self.streamer.finish_pass()
-        if self.state_streamer is not None:
-            self.state_streamer.finish_pass()
+            if hess is not None:
+                self.hessian_streamer.release(b, dirty=True)
+        for st in [self.streamer] + states:
+            st.finish_pass()
         self.pending = None
 
     def replay_step(self, step: int, routed: dict[str, dict[int, set[int]]] | None = None) -> None:
@@ -218,17 +239,30 @@ class ZOEngine:
         if momentum:
             self.state_streamer.start_pass(updating)
         active = self.active(step)
+        hizoo = self.hessian_streamer is not None
+        if hizoo:
+            self.hessian_streamer.start_pass(order)
         for b in order:
             flat = self.streamer.acquire(b)
+            hess = self.hessian_streamer.acquire(b) if hizoo else None
             touched = b in updating
             if touched:
-                self._apply_update(b, flat)
-            if b in active and self.h.estimator == "mezo":  # FZOO's forwards leave the weights untouched
+                self._apply_update(b, flat, hess)
+            if hizoo:
+                self.hessian_streamer.release(b, dirty=touched)
+            if b in active and hizoo:
+                touched = True
+                for p in self.layout.blocks[b].params:
+                    for k in range(self.h.num_perturbations):
+                        chain = _Chain(self, flat, [p], step, k, hess)
+                        for mult in CHAIN:
+                            chain.apply(mult)
+            elif b in active and self.h.estimator == "mezo":  # FZOO's forwards leave the weights untouched
                 touched = True
                 ex = self._experts.get(b)
                 for p in self.layout.blocks[b].params:
                     v = _view(flat, p)
-                    if ex is not None and any(p is f for f in ex.fused):
+                    if p.param_id in self._fused:
                         for k, experts in sorted((routed or {}).get(b, {}).items()):
                             for e in sorted(experts):
                                 for mult in CHAIN:
@@ -242,6 +276,8 @@ class ZOEngine:
         self.streamer.finish_pass()
         if momentum:
             self.state_streamer.finish_pass()
+        if hizoo:
+            self.hessian_streamer.finish_pass()
 
     # ------------------------------------------------------------ block life
     def active(self, step: int) -> frozenset[str]:
@@ -258,8 +294,11 @@ class ZOEngine:
 
     def _open_block(self, b: str) -> None:
         flat = self.streamer.acquire(b)
+        hess = None
+        if self._pass.hess is not None and (b in self._pass.active or self._needs_update(b)):
+            hess = self._pass.hess[b] = self.hessian_streamer.acquire(b)
         if self._pass.dirty and self._needs_update(b):
-            updated = self._apply_update(b, flat)
+            updated = self._apply_update(b, flat, hess)
             self._pass.touched.add(b)
             self._pass.changed_experts.setdefault(b, set()).update(updated)
         for p in self.layout.blocks[b].params:
@@ -267,21 +306,24 @@ class ZOEngine:
         self._pass.open[b] = flat
 
     def _close_block(self, b: str) -> None:
-        flat = self._pass.open.pop(b)
+        self._pass.open.pop(b)
         for p in self.layout.blocks[b].params:
             pending = self._pass.restore_at_close.pop(p.param_id, None)
             if pending is not None:  # the chain's last +εz of a shared value (see _call_unit)
-                _, k, mask = pending
-                self._perturb(_view(flat, p), self._pass.step, k, p, CHAIN[2] * self.h.eps, mask)
+                chain, i = pending
+                chain.restore(i)
             bind(p, None)
         ps = self._pass
-        perturbed_in_place = ps.perturbs(b) and self.h.estimator == "mezo"  # FZOO perturbs copies
+        perturbed_in_place = ps.perturbs(b) and self.h.estimator != "fzoo"  # FZOO perturbs copies
         dirty = ps.dirty and (b in ps.touched or perturbed_in_place)
         ranges, ex = None, self._experts.get(b)
         if dirty and ex is not None:  # routed experts: the dense part and the experts that changed, only
             changed = ps.changed_experts.get(b, set()).union(*ps.routed.get(b, {}).values())
             ranges = [(0, ex.dense_numel)] + [r for e in sorted(changed) for r in ex.ranges(e)]
         self.streamer.release(b, dirty=dirty, ranges=ranges)
+        if ps.hess is not None and b in ps.hess:
+            del ps.hess[b]
+            self.hessian_streamer.release(b, dirty=b in ps.touched)
 
     # -------------------------------------------------------------- the unit
     def _call_unit(self, unit: Unit, orig: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -302,16 +344,27 @@ class ZOEngine:
             result = self._one_sided(unit, orig, flat, args, kwargs, n_total)
         else:
             ex = self._experts.get(unit.block_id)
-            fused = {p.param_id for p in ex.fused} if ex is not None else set()
-            own = [p for p in unit.params if p.param_id not in self._shared and p.param_id not in fused]
+            own = [p for p in unit.params if p.param_id not in self._shared and p.param_id not in self._fused]
             shared = [p for p in unit.params if p.param_id in self._shared]
             by_stream: dict[tuple[int, int, int], Any] = {}
-            ks = sorted({s[0] for s in ps.streams})
+            hess = None if ps.hess is None else ps.hess[unit.block_id]
+            if (0, 0) in ps.streams:  # HiZOO's f(θ): the weights before any link of the chain
+                for p in shared:  # the first unit uses the value in place and keeps a copy for the later ones
+                    held = ps.shared_theta.get(p.param_id)
+                    if held is None:
+                        ps.shared_theta[p.param_id] = _view(flat, p).clone()
+                        self.shared_copy_numel += p.numel
+                    else:
+                        bind(p, held)
+                by_stream.update(self._run_stream(ps, (0, 0), orig, args, kwargs, n_total))
+                for p in shared:
+                    bind(p, _view(flat, p))
+            ks = sorted({s[0] for s in ps.streams if s[1] != 0})
             for k in ks:
                 first = [p for p in shared if (p.param_id, k) not in ps.shared_cache]  # this unit runs their chain
                 later = [p for p in shared if p not in first]
                 last_k = k == ks[-1]
-                chain = _Chain(self, flat, own + first, ps.step, k)
+                chain = _Chain(self, flat, own + first, ps.step, k, hess)
                 ps.experts = None if ex is None else _ExpertChain(self, flat, ex, ps.step, k)
                 for sign, mult in zip(SIGNS, CHAIN):
                     chain.apply(mult)
@@ -326,15 +379,9 @@ class ZOEngine:
                         for p in later:
                             held = ps.shared_cache[(p.param_id, k)][sign]
                             bind(p, _view(flat, p) if held is None else held)
-                        i = ps.streams.index((k, sign))
-                        for m in range(ps.num_micro):
-                            c = i * ps.num_micro + m
-                            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows,
-                                                   self._row_factors)
-                            by_stream[(k, sign, m)] = orig(*a, **kw)
+                        by_stream.update(self._run_stream(ps, (k, sign), orig, args, kwargs, n_total))
                 if last_k:  # the shared values' final +εz waits for the block's close (later units read θ-εz)
-                    ps.restore_at_close.update((p.param_id, (p, k, chain.masks[len(own) + i]))
-                                               for i, p in enumerate(first))
+                    ps.restore_at_close.update((p.param_id, (chain, len(own) + i)) for i, p in enumerate(first))
                 chain.apply(CHAIN[2], first=len(own) if last_k else None)
                 if ps.experts is not None:
                     ps.experts.apply(CHAIN[2])
@@ -347,6 +394,16 @@ class ZOEngine:
         if is_layer:
             self._close_block(unit.block_id)
         return result
+
+    def _run_stream(self, ps: "_PassState", stream: Stream, orig: Callable, args: Any, kwargs: Any,
+                    n_total: int) -> dict[tuple[int, int, int], Any]:
+        """The unit on each micro-batch chunk of ``stream``'s rows, with the weights bound now."""
+        i, out = ps.streams.index(stream), {}
+        for m in range(ps.num_micro):
+            c = i * ps.num_micro + m
+            a, kw = slice_rows((args, kwargs), n_total, c * ps.rows, (c + 1) * ps.rows, self._row_factors)
+            out[(*stream, m)] = orig(*a, **kw)
+        return out
 
     def _one_sided(self, unit: Unit, orig: Callable, flat: torch.Tensor, args: Any, kwargs: Any, n_total: int) -> Any:
         """FZOO's streams on one unit: ``(0, 0)`` with the weights as they are, ``(k, +1)`` with
@@ -428,7 +485,7 @@ class ZOEngine:
         return (v.abs() <= self.thresholds[p.param_id]).to(v.dtype)
 
     # ------------------------------------------------------------ the update
-    def _apply_update(self, b: str, flat: torch.Tensor) -> set[int]:
+    def _apply_update(self, b: str, flat: torch.Tensor, hess: torch.Tensor | None = None) -> set[int]:
         """The pending update on block ``b``; returns the experts it changed (``zo.routed_experts``)."""
         upd = self.pending
         h = self.h
@@ -438,7 +495,9 @@ class ZOEngine:
         ex = self._experts.get(b)
         for p in self.layout.blocks[b].params:
             v = _view(flat, p)
-            if ex is not None and any(p is f for f in ex.fused):
+            if hess is not None:
+                self._hizoo_update(v, p, upd, _view(hess, p), None if mom is None else _view(mom, p))
+            elif p.param_id in self._fused:
                 self._update_experts(b, v, p, ex, upd, None if mom is None else _view(mom, p))
             else:
                 mask = self._mask(v, p)
@@ -455,6 +514,16 @@ class ZOEngine:
         sets = (upd.experts or {}).get(b, {}) if ex is not None else {}
         return set().union(*sets.values()) if sets else set()
 
+
+    def _hizoo_update(self, v: torch.Tensor, p: ParamSpec, upd: PendingUpdate, h: torch.Tensor,
+                      mom: torch.Tensor | None) -> None:
+        """HiZOO's update of ``v`` with ``u_k = z_k / sqrt(H)`` (H as step ``upd.step`` perturbed with), then
+        its Hessian update of ``h`` in place."""
+        zs = [perturbation(PerturbKey(self.h.seed, upd.step, k, p.param_id), v.shape, dist=self.h.distribution,
+                           device=v.device) for k in range(len(upd.grads))]
+        us = [z / h.sqrt() for z in zs]
+        zo_update_(v, lambda t, k, a: t.add_(us[k], alpha=a), upd.grads, lr=upd.lr, hyper=self.h, momentum=mom)
+        hessian_update_(h, zs, upd.curv, self.h.hessian_smooth)
 
     def _update_experts(self, b: str, v: torch.Tensor, p: ParamSpec, ex, upd: PendingUpdate,
                         mom: torch.Tensor | None) -> None:
@@ -506,12 +575,19 @@ class _Chain:
     With a z cache: ``εz`` is generated once per parameter (``fl(ε·z)``) and added with
     multipliers 1, -2, 1 — exact power-of-two scalings of it — so every result is
     bit-identical to the fused kernel's ``fl(p + fl(mult·ε·z))``.
+
+    With ``hess`` (HiZOO, the block's H): ``u = z / sqrt(H)`` is materialised per parameter and added
+    as ``v.add_(u, alpha=mult·ε)``.
     """
 
-    def __init__(self, engine: "ZOEngine", flat: torch.Tensor, params: list[ParamSpec], step: int, k: int):
+    def __init__(self, engine: "ZOEngine", flat: torch.Tensor, params: list[ParamSpec], step: int, k: int,
+                 hess: torch.Tensor | None = None):
         self.e, self.flat, self.params, self.step, self.k = engine, flat, params, step, k
         self.masks = [engine._mask(_view(flat, p), p) for p in params]  # from the weights before the chain
-        self.cache = engine._z_cache(sum(p.numel for p in params))
+        self.u = None if hess is None else [
+            perturbation(PerturbKey(engine.h.seed, step, k, p.param_id), p.shape, dist=engine.h.distribution,
+                         device=flat.device) / _view(hess, p).sqrt() for p in params]
+        self.cache = None if hess is not None else engine._z_cache(sum(p.numel for p in params))
         if self.cache is not None:
             off = 0
             self.ez = []
@@ -528,10 +604,22 @@ class _Chain:
         """Add ``mult·εz`` to the parameters (only the ``first`` ones, when given)."""
         for i, p in enumerate(self.params[:first]):
             v = _view(self.flat, p)
-            if self.cache is not None:
+            if self.u is not None:
+                v.add_(self.u[i], alpha=mult * self.e.h.eps)
+            elif self.cache is not None:
                 v.add_(self.ez[i], alpha=mult)
             else:
                 self.e._perturb(v, self.step, self.k, p, mult * self.e.h.eps, self.masks[i])
+
+    def restore(self, i: int) -> None:
+        """The last link (``+εz``) of parameter ``i`` alone, after the unit (a shared value's, at its
+        block's close): z regenerated, since the cache holds a later unit's by then (HiZOO: its u)."""
+        p = self.params[i]
+        v = _view(self.flat, p)
+        if self.u is not None:
+            v.add_(self.u[i], alpha=CHAIN[2] * self.e.h.eps)
+        else:
+            self.e._perturb(v, self.step, self.k, p, CHAIN[2] * self.e.h.eps, self.masks[i])
 
 
 @dataclass
@@ -545,7 +633,9 @@ class _PassState:
     touched: set[str] = field(default_factory=set)  # blocks the pending update changed in this pass
     open: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_cache: dict = field(default_factory=dict)  # (param_id, k) -> {sign: copy, or None: the block itself}
-    restore_at_close: dict[int, tuple[ParamSpec, int, torch.Tensor | None]] = field(default_factory=dict)
+    restore_at_close: dict[int, tuple["_Chain", int]] = field(default_factory=dict)  # param_id -> (chain, index)
+    shared_theta: dict[int, torch.Tensor] = field(default_factory=dict)  # HiZOO: a shared value's θ for later units
+    hess: dict[str, torch.Tensor] | None = None  # HiZOO training pass: the H of each open block
     experts: "_ExpertChain | None" = None  # zo.routed_experts: the chain of the unit computing now
     routed: dict[str, dict[int, set[int]]] = field(default_factory=dict)  # block -> k -> experts perturbed
     changed_experts: dict[str, set[int]] = field(default_factory=dict)  # block -> experts the update changed

@@ -37,7 +37,7 @@ from ferrytune.data import loss_per_sample
 from ferrytune.engine._lora_trainer import LoraTrainer
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._loop import StepResult
-from ferrytune.engine._zo_math import ZOHyper, chained_copies, zo_update_
+from ferrytune.engine._zo_math import ZOHyper, chained_copies, hessian_update_, hizoo_terms, zo_update_
 from ferrytune.data import pad_positions
 from ferrytune.engine._zo_trainer import append_zo_log, grads_from, read_zo_log, streams_for, trim_zo_log
 from ferrytune.errors import CheckpointError
@@ -126,12 +126,11 @@ class ZOLoraTrainer(LoraTrainer):
         finally:
             self.engine.chunk_rows = self.engine.chunk_context = None
         all_reduce_sum_(table, self.mesh)
-        grads, loss = grads_from(table[:2 * q], eps=eps, rows_total=t.batch_size)
         curv = None
-        if self.hizoo:  # the step's loss is f(θ); D_k = |L+ + L- - 2 L0| / 2ε² per perturbation
-            means = [sum(table[r].tolist()) / t.batch_size for r in range(2 * q + 1)]
-            loss = means[2 * q]
-            curv = [abs(means[2 * k] + means[2 * k + 1] - 2 * loss) / (2 * eps * eps) for k in range(q)]
+        if self.hizoo:  # the step's loss is f(θ)
+            grads, loss, curv = hizoo_terms([sum(table[r].tolist()) / t.batch_size for r in range(2 * q + 1)], eps)
+        else:
+            grads, loss = grads_from(table, eps=eps, rows_total=t.batch_size)
         if not all(math.isfinite(g) for g in grads + (curv or [])):
             raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
         lr = lr_at(step, t)
@@ -171,14 +170,10 @@ class ZOLoraTrainer(LoraTrainer):
                 p.copy_(restored[i])
                 zo_update_(p, lambda t, k, a, i=i: t.add_(zs[k][i], alpha=a), grads, lr=lr, hyper=hyper,
                            momentum=None if self.momentum is None else self.momentum[i])
-            if curv is not None:  # H ← (1-α) H + Σ_k (α D_k / q) (H z_k z_k), from the H this step used
-                a, q = self.cfg.zo.hessian_smooth, len(curv)
-                raw = [self._z(step, k, raw=True) for k in range(q)]
+            if curv is not None:  # from the H this step perturbed with
+                raw = [self._z(step, k, raw=True) for k in range(len(curv))]
                 for i, h in enumerate(self.hessian):
-                    new = h * (1 - a)
-                    for k, d in enumerate(curv):
-                        new = new + (a * d / q) * (h * raw[k][i] * raw[k][i])
-                    h.copy_(new)
+                    hessian_update_(h, [r[i] for r in raw], curv, self.cfg.zo.hessian_smooth)
 
     def replay(self, log_path: Path, *, to_step: int | None = None) -> Path:
         """Rebuild the run's adapter from the initial one and ``zo_log.jsonl`` (no data, no forward):

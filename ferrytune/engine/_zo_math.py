@@ -32,8 +32,9 @@ class ZOHyper:
     seed: int
     block_fraction: float = 1.0
     mask_fraction: float = 1.0
-    estimator: str = "mezo"  # "mezo" | "fzoo"
+    estimator: str = "mezo"  # "mezo" | "fzoo" | "hizoo"
     routed_experts: bool = False  # MoE: perturb and update only the experts routed to in the step
+    hessian_smooth: float = 0.0  # HiZOO's EMA weight α of the diagonal Hessian
 
     @classmethod
     def from_config(cls, zo, train) -> "ZOHyper":
@@ -41,7 +42,7 @@ class ZOHyper:
         return cls(eps=zo.eps, num_perturbations=zo.num_perturbations, distribution=zo.distribution,
                    update=zo.update, momentum=zo.momentum, weight_decay=train.weight_decay, seed=train.seed,
                    block_fraction=zo.block_fraction, mask_fraction=zo.mask_fraction,
-                   estimator=zo.estimator, routed_experts=zo.routed_experts)
+                   estimator=zo.estimator, routed_experts=zo.routed_experts, hessian_smooth=zo.hessian_smooth)
 
 
 def fzoo_coefficients(l0: float, losses: Sequence[float], eps: float) -> tuple[list[float], float, list[float]]:
@@ -57,6 +58,27 @@ def fzoo_coefficients(l0: float, losses: Sequence[float], eps: float) -> tuple[l
     if sigma == 0:
         raise FloatingPointError("zo.estimator fzoo: the perturbed losses are all equal (σ = 0); raise zo.eps")
     return [gi / sigma for gi in g], sigma, g
+
+
+def hizoo_terms(means: Sequence[float], eps: float) -> tuple[list[float], float, list[float]]:
+    """HiZOO's (Zhao et al. 2024) per-step scalars from the batch-mean losses ``means`` =
+    ``[L+_0, L-_0, ..., L+_{q-1}, L-_{q-1}, L0]`` (L0 = f(θ)): ``(g, L0, D)`` with
+    ``g_k = (L+_k - L-_k) / 2ε`` and ``D_k = |L+_k + L-_k - 2 L0| / 2ε²``."""
+    q = (len(means) - 1) // 2
+    l0 = means[2 * q]
+    grads = [(means[2 * k] - means[2 * k + 1]) / (2 * eps) for k in range(q)]
+    curv = [abs(means[2 * k] + means[2 * k + 1] - 2 * l0) / (2 * eps * eps) for k in range(q)]
+    return grads, l0, curv
+
+
+def hessian_update_(h: torch.Tensor, zs: Sequence[torch.Tensor], curv: Sequence[float], alpha: float) -> None:
+    """HiZOO's diagonal Hessian EMA in place, from the H the step perturbed with and the raw z_k:
+    ``H ← (1-α) H + Σ_k (α D_k / q) (H z_k z_k)``."""
+    q = len(curv)
+    new = h * (1 - alpha)
+    for z, d in zip(zs, curv):
+        new = new + (alpha * d / q) * (h * z * z)
+    h.copy_(new)
 
 
 def mask_threshold(values: torch.Tensor, fraction: float) -> float:

@@ -24,7 +24,7 @@ from ferrytune.engine._loop import StepLoop, StepResult
 from ferrytune.engine._runtime import Runtime, build_runtime, weights_from
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._zo import PendingUpdate, Stream, ZOEngine
-from ferrytune.engine._zo_math import ZOHyper, fzoo_coefficients, mask_threshold
+from ferrytune.engine._zo_math import ZOHyper, fzoo_coefficients, hizoo_terms, mask_threshold
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.offload import build_streamer
 from ferrytune.parallel import AgreementCheck, zo_sample
@@ -33,6 +33,8 @@ from ferrytune.parallel import Mesh, all_reduce_sum_
 logger = logging.getLogger(__name__)
 
 ZO_LOG = "zo_log.jsonl"
+MOMENTUM_FILE = "zo_momentum.safetensors"  # in a checkpoint, beside the weights
+HESSIAN_FILE = "zo_hessian.safetensors"  # HiZOO's H
 
 
 def append_zo_log(output_dir: Path, entry: dict) -> None:
@@ -65,10 +67,13 @@ def read_zo_log(log_path: Path, *, start_step: int, seed: int, to_step: int | No
 
 def streams_for(q: int, mesh: Mesh, estimator: str = "mezo") -> list[Stream]:
     """The (k, sign) streams this rank computes: all of them, or one sign under PertP. FZOO's are
-    the unperturbed ``(0, 0)`` and ``(k, +1)`` for k < q (the config refuses it with PertP)."""
+    the unperturbed ``(0, 0)`` and ``(k, +1)`` for k < q; HiZOO's ``(0, 0)`` and MeZO's (the config
+    refuses both with PertP)."""
     if estimator == "fzoo":
         return [(0, 0)] + [(k, 1) for k in range(q)]
     all_streams = [(k, s) for k in range(q) for s in (1, -1)]
+    if estimator == "hizoo":
+        return [(0, 0)] + all_streams
     if mesh.perturbation == 1:
         return all_streams
     sign = 1 if mesh.pp_rank == 0 else -1
@@ -89,9 +94,10 @@ def _fzoo_row(stream: Stream) -> int:
 def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[Stream], *,
                micro_index: list[int], num_micro_global: int, q: int, mesh: Mesh, dirty: bool = True) -> torch.Tensor:
     """One pass; returns the global table of per-micro-batch loss sums (float64): (2q, M_global) for
-    MeZO, (1+q, M_global) for FZOO (row 0: f(θ), row 1+k: f(θ+εz_k))."""
-    fzoo = engine.h.estimator == "fzoo"
-    row_of = _fzoo_row if fzoo else stream_row
+    MeZO, (1+q, M_global) for FZOO (row 0: f(θ), row 1+k: f(θ+εz_k)), (2q+1, M_global) for HiZOO
+    (MeZO's rows, then f(θ))."""
+    fzoo, hizoo = engine.h.estimator == "fzoo", engine.h.estimator == "hizoo"
+    row_of = _fzoo_row if fzoo else (lambda st: 2 * q if st[1] == 0 else stream_row(st)) if hizoo else stream_row
     micro = pad_positions(micro)
     B = micro[0].batch_size
     dev = engine.device
@@ -99,7 +105,7 @@ def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[St
     mask = torch.cat([m.attention_mask for m in micro]).to(dev)
     pos = torch.cat([m.loss_positions for m in micro]).to(dev)  # (M*B, L)
     S = len(streams)
-    table = torch.zeros(1 + q if fzoo else 2 * q, num_micro_global, dtype=torch.float64)
+    table = torch.zeros(1 + q if fzoo else 2 * q + hizoo, num_micro_global, dtype=torch.float64)
 
     def head(logits: torch.Tensor) -> None:  # (S*M*B, L, V)
         for si, stream in enumerate(streams):
@@ -154,19 +160,15 @@ class ZOTrainer(StepLoop):
         self.agree = AgreementCheck(mesh, every_steps=cfg.parallel.check_every_steps)
         logger.info("plan:\n%s", rt.plan.describe())
         rt.streamer.open(weights_from(source, rt.layout))
-        self.state_streamer = None
+        self.state_streamer = self.hessian_streamer = None
         if cfg.zo.momentum > 0:
-            self.state_streamer = build_streamer(
-                rt.plan, {b: s.numel for b, s in rt.layout.blocks.items()}, device=rt.device,
-                compute_dtype=torch.float32, store_dtype=torch.float32,
-                nvme_dir=None if not cfg.offload.nvme_dir else str(Path(cfg.offload.nvme_dir) / f"momentum{'-' + sub if sub else ''}"),
-                io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
-                io_backend=cfg.offload.io_backend)
-            mom_file = self.ckpt / "zo_momentum.safetensors" if self.ckpt else None
-            self.state_streamer.open(self._momentum_init(mom_file))
+            self.state_streamer = self._open_state("momentum", MOMENTUM_FILE, fill=0.0)
+        if cfg.zo.estimator == "hizoo":
+            self.hessian_streamer = self._open_state("hessian", HESSIAN_FILE, fill=1.0)
         hyper = ZOHyper.from_config(cfg.zo, cfg.train)
         self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
-                               store_dtype=rt.store_dtype, state_streamer=self.state_streamer)
+                               store_dtype=rt.store_dtype, state_streamer=self.state_streamer,
+                               hessian_streamer=self.hessian_streamer)
         if hyper.mask_fraction < 1:
             self.engine.thresholds = self._mask_thresholds(hyper.mask_fraction)
 
@@ -192,10 +194,30 @@ class ZOTrainer(StepLoop):
                 out[p.param_id] = mask_threshold(flat[p.offset:p.offset + p.numel], fraction)
         return out
 
-    def _momentum_init(self, path: Path | None):
+    def _open_state(self, name: str, filename: str, *, fill: float):
+        """A streamer of per-parameter fp32 optimizer state (momentum, HiZOO's H) over the model's blocks,
+        in the weights' tiers; filled with ``fill``, or read from the resumed checkpoint's ``filename``."""
+        cfg, rt, sub = self.cfg, self.rt, self.nvme_subdir()
+        st = build_streamer(
+            rt.plan, {b: s.numel for b, s in rt.layout.blocks.items()}, device=rt.device,
+            compute_dtype=torch.float32, store_dtype=torch.float32,
+            nvme_dir=None if not cfg.offload.nvme_dir else str(Path(cfg.offload.nvme_dir) / f"{name}{'-' + sub if sub else ''}"),
+            io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
+            io_backend=cfg.offload.io_backend)
+        try:
+            st.open(self._state_init(self.ckpt / filename if self.ckpt else None, fill))
+        except BaseException:
+            self.close_streamer(st)
+            raise
+        return st
+
+    def _state_init(self, path: Path | None, fill: float):
         layout = self.rt.layout
+        if path is not None and not path.exists() and fill != 0.0:
+            raise CheckpointError(f"{self.ckpt}: has no {path.name} (saved without zo.estimator: hizoo); "
+                                  "resume it with the zo settings it was trained with")
         if path is None or not path.exists():
-            return lambda b, flat: flat.zero_()
+            return lambda b, flat: flat.fill_(fill)
         from safetensors.torch import load_file
         tensors = load_file(str(path))
 
@@ -214,15 +236,20 @@ class ZOTrainer(StepLoop):
         table = zo_forward(self.engine, step, micro, streams, micro_index=list(range(M))[mesh.dp_rank::mesh.data],
                            num_micro_global=M, q=q, mesh=mesh)
         extra = {}
+        curv = None
         if cfg.zo.estimator == "fzoo":  # grads = the update's coefficients g_k / σ; the log keeps g and σ too
             grads, loss, extra = fzoo_grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
+        elif cfg.zo.estimator == "hizoo":  # the step's loss is f(θ); the log keeps D_k for replay
+            grads, loss, curv = hizoo_terms([sum(table[r].tolist()) / t.batch_size for r in range(2 * q + 1)],
+                                            cfg.zo.eps)
+            extra = {"curv": curv}
         else:
             grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
-        if not all(math.isfinite(g) for g in grads):
+        if not all(math.isfinite(g) for g in grads + (curv or [])):
             raise FloatingPointError(f"step {step}: non-finite loss; lower train.lr or zo.eps")
         lr = lr_at(step, t)
         routed = self.engine.last_routed if cfg.zo.routed_experts else None
-        self.engine.pending = PendingUpdate(step, grads, lr, experts=routed)
+        self.engine.pending = PendingUpdate(step, grads, lr, experts=routed, curv=curv)
         self.agree.update(*grads, lr)
         if routed is not None:  # replay needs the experts each perturbation's chain covered
             extra = {**extra, "experts": {b: {str(k): sorted(es) for k, es in ks.items()} for b, ks in routed.items()}}
@@ -254,7 +281,8 @@ class ZOTrainer(StepLoop):
             if "experts" in e:
                 routed = {b: {int(k): set(es) for k, es in ks.items()} for b, ks in e["experts"].items()}
             self.engine.replay_step(e["step"], routed)
-            self.engine.pending = PendingUpdate(e["step"], list(e["grads"]), float(e["lr"]), experts=routed)
+            self.engine.pending = PendingUpdate(e["step"], list(e["grads"]), float(e["lr"]), experts=routed,
+                                                curv=e.get("curv"))
         self.engine.flush()
         dest = self.output_dir / "replayed"
         end = self.start_step + len(entries)
@@ -320,15 +348,17 @@ class ZOTrainer(StepLoop):
             return
 
         def extra(tmp: Path) -> None:
-            if self.state_streamer is not None:
-                from safetensors.torch import save_file
+            from safetensors.torch import save_file
+            for st, filename in ((self.state_streamer, MOMENTUM_FILE), (self.hessian_streamer, HESSIAN_FILE)):
+                if st is None:
+                    continue
                 tensors = {}
                 for b, spec in rt.layout.blocks.items():
                     flat = torch.empty(spec.numel, dtype=torch.float32)
-                    self.state_streamer.read_master(b, flat)
+                    st.read_master(b, flat)
                     for p in spec.params:
                         tensors[p.name] = flat[p.offset:p.offset + p.numel].view(p.shape).clone()
-                save_file(tensors, str(tmp / "zo_momentum.safetensors"))
+                save_file(tensors, str(tmp / filename))
 
         state = {"method": "zo", "step": step, "seed": self.cfg.train.seed, "world_size": self.mesh.world_size}
         if self.engine.thresholds is not None:
@@ -342,8 +372,9 @@ class ZOTrainer(StepLoop):
         try:
             if getattr(self, "engine", None) is not None:
                 self.engine.close()
-            if getattr(self, "state_streamer", None) is not None:
-                self.close_streamer(self.state_streamer)
+            for name in ("state_streamer", "hessian_streamer"):
+                if getattr(self, name, None) is not None:
+                    self.close_streamer(getattr(self, name))
         finally:
             if getattr(self, "rt", None) is not None:
                 self.close_streamer(self.rt.streamer)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mezo_testlib import PlainSetup, resumed_and_replayed
 
-from ferrytune.errors import ConfigError
+from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.kernels import PerturbKey, add_perturbation_
 from ferrytune.launch.train import run
 
@@ -245,8 +245,6 @@ def test_zo_lora_replay_rebuilds_the_adapter(tiny_models, cfg_factory, tmp_path,
 
 
 def test_hizoo_resume_from_a_mezo_checkpoint_is_refused(tiny_models, cfg_factory):
-    from ferrytune.errors import CheckpointError
-
     path = tiny_models("llama", layers=2, hidden=32)
     opts = dict(lora=LORA, data={"eval": None}, train={"steps": 3, "checkpoint_every_steps": 1})
     mezo = cfg_factory(path, zo={"trainable": "lora"}, **opts)
@@ -261,15 +259,125 @@ def test_hizoo_resume_from_a_mezo_checkpoint_is_refused(tiny_models, cfg_factory
 
 
 @pytest.mark.parametrize("zo,parallel,key", [
-    ({"trainable": "all"}, {}, "zo.trainable"),
     ({"block_fraction": 0.5}, {}, "zo.block_fraction"),
     ({}, {"perturbation": 2}, "parallel.perturbation"),
     ({}, {"data": 2}, "parallel.data"),
+    ({"trainable": "all"}, {"perturbation": 2}, "parallel.perturbation"),
+    ({"trainable": "all", "block_fraction": 0.5}, {}, "zo.block_fraction"),
+    ({"trainable": "all", "mask_fraction": 0.5}, {}, "zo.mask_fraction"),
+    ({"trainable": "all"}, {"sliced_loading": True, "data": 2}, "parallel.sliced_loading"),
 ])
 def test_hizoo_refuses_what_it_does_not_support(tiny_models, cfg_factory, zo, parallel, key):
     path = tiny_models("llama", layers=2, hidden=32)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg_factory(path, zo={**HIZOO, **zo}, parallel=parallel, lora=LORA)
+
+
+# ------------------------------------------------------------------- HiZOO on the full model
+HIZOO_ALL = {"estimator": "hizoo", "eps": 1e-2, "hessian_smooth": 0.3}
+
+
+def _plain_hizoo_all(cfg) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[float]]:
+    """HiZOO on every parameter of a resident model (a tied weight once): H = 1; per step L0 = f(θ),
+    per k with u = z_k / sqrt(H): θ += εu, L+, θ -= 2εu, L-, θ += εu; then weight decay on matrices,
+    d = Σ_k g_k u_k / q (with momentum m ← βm + d), θ -= lr·d (plain SGD: θ += (-lr·g_k/q)·u_k per k),
+    and H ← (1-α)H + Σ_k α D_k/q · H z_k². Returns (weights, H by name after each step, L0 per step)."""
+    from ferrytune.kernels import perturbation
+
+    s = PlainSetup(cfg)
+    t, zc = cfg.train, cfg.zo
+    q, eps, a = zc.num_perturbations, zc.eps, zc.hessian_smooth
+    hess = [torch.ones_like(p) for _, p in s.params]
+    mom = [torch.zeros_like(p) for _, p in s.params] if zc.momentum else None
+    losses, history = [], []
+    with torch.no_grad():
+        for step in range(t.steps):
+            batch = s.batch(step)
+            zs = [[perturbation(PerturbKey(t.seed, step, k, i), p.shape) for i, (_, p) in enumerate(s.params)]
+                  for k in range(q)]
+            us = [[z / h.sqrt() for z, h in zip(zk, hess)] for zk in zs]
+            l0 = s.loss(batch)
+            grads, curv = [], []
+            for k in range(q):
+                for (_, p), u in zip(s.params, us[k]):
+                    p.add_(u, alpha=eps)
+                lp = s.loss(batch)
+                for (_, p), u in zip(s.params, us[k]):
+                    p.add_(u, alpha=-2 * eps)
+                lm = s.loss(batch)
+                for (_, p), u in zip(s.params, us[k]):
+                    p.add_(u, alpha=eps)
+                grads.append((lp - lm) / (2 * eps))
+                curv.append(abs(lp + lm - 2 * l0) / (2 * eps * eps))
+            for i, (_, p) in enumerate(s.params):
+                if t.weight_decay and p.dim() >= 2:
+                    p.mul_(1.0 - t.lr * t.weight_decay)
+                if mom is None:
+                    for k, g in enumerate(grads):
+                        p.add_(us[k][i], alpha=-t.lr * g / q)
+                else:
+                    d = torch.zeros_like(p)
+                    for k, g in enumerate(grads):
+                        d.add_(us[k][i], alpha=g / q)
+                    p.add_(mom[i].mul_(zc.momentum).add_(d), alpha=-t.lr)
+            for i, h in enumerate(hess):
+                new = h * (1 - a)
+                for k, dk in enumerate(curv):
+                    new = new + (a * dk / q) * (h * zs[k][i] * zs[k][i])
+                h.copy_(new)
+            losses.append(l0)
+            history.append({n: h.clone() for (n, _), h in zip(s.params, hess)})
+    return s.weights(), history, losses
+
+
+@pytest.mark.parametrize("arch,tier,zo,train", [
+    ("llama", "resident", {}, {}),  # tied embedding = head: f(θ) of the head unit reads a copy
+    ("llama", "nvme", {"num_perturbations": 2, "momentum": 0.9}, {}),
+    ("gpt2", "host", {}, {"weight_decay": 0.1}),
+])
+def test_hizoo_full_model_equals_plain_loop(tiny_models, cfg_factory, arch, tier, zo, train):
+    path = tiny_models(arch, layers=2, hidden=32)
+    cfg = cfg_factory(path, data={"eval": None}, zo={**HIZOO_ALL, **zo}, offload={"tier": tier, "prefetch_depth": 1},
+                      train={"steps": 3, "lr": 1e-3, "checkpoint_every_steps": 2, **train})
+    ref_w, history, ref_losses = _plain_hizoo_all(cfg)
+    run(cfg, progress=False)
+    assert [m["loss"] for m in _metrics(cfg)] == ref_losses  # the step's loss is f(θ)
+    log = [json.loads(ln) for ln in open(f"{cfg.output_dir}/zo_log.jsonl")]
+    assert all(len(e["curv"]) == len(e["grads"]) == cfg.zo.num_perturbations for e in log)
+    got, base = _weights(cfg), load_file(f"{path}/model.safetensors")
+    for name, w in ref_w.items():
+        assert torch.equal(got[name], w), name
+        assert not torch.equal(w, base[name]), name  # the weights moved
+    saved = load_file(f"{cfg.output_dir}/checkpoints/step-000002/zo_hessian.safetensors")  # after steps 0, 1
+    assert set(saved) == set(history[1])
+    assert all(torch.equal(saved[n], h) for n, h in history[1].items())
+    assert any(not torch.equal(h, torch.ones_like(h)) for h in history[1].values())  # H moved
+
+
+@pytest.mark.parametrize("zo", [{}, {"momentum": 0.9, "num_perturbations": 2}])
+def test_hizoo_full_model_resume_and_replay_are_exact(tiny_models, cfg_factory, zo):
+    path = tiny_models("llama", layers=2, hidden=32)
+    opts = dict(zo={**HIZOO_ALL, **zo}, train={"steps": 5, "checkpoint_every_steps": 1, "lr": 1e-3},
+                data={"eval": None}, offload={"tier": "nvme"})
+    full = cfg_factory(path, **opts)
+    run(full, progress=False)
+    resumed, replayed = resumed_and_replayed(cfg_factory(path, **opts))
+    a = _weights(full)
+    assert all(torch.equal(resumed[k], a[k]) for k in a)
+    assert all(torch.equal(replayed[k], a[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in load_file(f"{path}/model.safetensors").items())
+
+
+def test_hizoo_full_model_resume_from_a_mezo_checkpoint_is_refused(tiny_models, cfg_factory):
+    path = tiny_models("llama", layers=2, hidden=32)
+    mezo = cfg_factory(path, data={"eval": None}, train={"steps": 2, "checkpoint_every_steps": 1})
+    run(mezo, progress=False)
+    hizoo = mezo.model_copy(update={"zo": mezo.zo.model_copy(update={"estimator": "hizoo"}), "resume": "auto",
+                                    "train": mezo.train.model_copy(update={"steps": 3})})
+    threads_before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(CheckpointError, match="zo_hessian"):
+        run(hizoo, progress=False)
+    assert {t.ident for t in threading.enumerate()} <= threads_before, "the half-set-up trainer was not closed"
 
 
 def test_hessian_smooth_without_hizoo_is_refused(tiny_models, cfg_factory):

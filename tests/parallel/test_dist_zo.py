@@ -97,6 +97,19 @@ def test_fzoo_data_parallel_two_ranks_equals_single_process(model, tmp_path):
     assert (tmp_path / "dp" / "zo_log.jsonl").read_text() == (tmp_path / "ref" / "zo_log.jsonl").read_text()
 
 
+def test_hizoo_data_parallel_two_ranks_equals_single_process(model, tmp_path):
+    # zo.estimator hizoo on the full model: the (2q+1, M) table (f(θ) in the last row) is all-reduced
+    # like MeZO's; every rank streams its own H and updates it from the same D_k alike.
+    zo = {"estimator": "hizoo", "eps": 1e-2, "hessian_smooth": 0.3}
+    ref = config_dict(model, tmp_path / "ref", zo=zo)
+    run_single(ref)
+    d = config_dict(model, tmp_path / "dp", zo=zo, parallel={"data": 2, **CHECK})
+    torchrun(write_config(d, tmp_path / "dp.yaml"), 2)
+    assert_same_weights(tmp_path / "ref" / "final", tmp_path / "dp" / "final")
+    assert metric_losses(tmp_path / "dp") == metric_losses(tmp_path / "ref")
+    assert (tmp_path / "dp" / "zo_log.jsonl").read_text() == (tmp_path / "ref" / "zo_log.jsonl").read_text()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "sgd_sai"])
 def test_lora_data_parallel_two_ranks_equals_single_process(model, tmp_path, optimizer):
     # batch 4 in micro-batches of 2: one micro-batch per rank, so the gradient all-reduce adds
