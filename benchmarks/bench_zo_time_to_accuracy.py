@@ -9,6 +9,9 @@ on). metrics.jsonl gives each eval line's ``wall_s`` (seconds since set-up) and 
 the step-0 line is the zero-shot baseline. Plain MeZO: full-parameter ZO, ``"{text} It was"``,
 lr 1e-6, eps 1e-3 (the previous example). Recipe: ``examples/zo_smollm2_rt_polarity.yaml``.
 Prints a table (time to 0.70 / 0.75, best accuracy) and writes JSON and a PNG of the curves.
+``--curve NAME:KEY=VALUE,...`` adds a run of the recipe with those settings beside them (an estimator's
+curve at the recipe's budget), e.g. ``--curve hizoo-lora:zo.estimator=hizoo,zo.hessian_smooth=1e-4``;
+``--only none`` runs the ``--curve`` runs alone (``--plot-only`` then draws them all together).
 
 Estimators at an equal forward budget (``--compare``): each ``NAME[:KEY=VALUE,...]`` is a run with
 ``zo.estimator=NAME`` and those ``zo.*`` settings (``--zo KEY=VALUE`` applies to every run; ``lr=...``
@@ -120,7 +123,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="override train.steps of both runs")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--only", choices=["mezo", "recipe"], default=None)
+    p.add_argument("--only", choices=["mezo", "recipe", "none"], default=None)
+    p.add_argument("--curve", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="another run of the recipe with these settings, its curve beside the others (repeatable)")
     p.add_argument("--plot-only", nargs="*", default=None, metavar="NAME=RUN_DIR",
                    help="plot existing runs instead of training")
     p.add_argument("--out", default=str(REPO / "bench-out/zo_time_to_accuracy.json"))
@@ -143,6 +148,9 @@ def main() -> int:
             runs["plain MeZO"] = run_one("mezo", PLAIN_MEZO, args)
         if args.only in (None, "recipe"):
             runs["ferrytune recipe"] = run_one("recipe", [], args)
+        for item in args.curve:
+            name, _, opts = item.partition(":")
+            runs[name] = run_one(name, [kv for kv in opts.split(",") if kv], args)
     curves = {name: curve(d) for name, d in runs.items()}
     rows = []
     for name, pts in curves.items():

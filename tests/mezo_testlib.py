@@ -54,3 +54,19 @@ def resumed_and_replayed(cfg) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     finally:
         tr.close()
     return load_file(f"{cfg.output_dir}/final/model.safetensors"), load_file(f"{dest}/model.safetensors")
+
+
+def assert_resume_and_replay_rebuild(cfg_factory, path, **opts) -> dict[str, torch.Tensor]:
+    """Train ``cfg_factory(path, **opts)`` straight through, then stopped at step 3 and resumed, then
+    replayed from its log: the three hold the same weights, bit for bit. Returns them."""
+    from safetensors.torch import load_file
+
+    from ferrytune.launch.train import run
+
+    full = cfg_factory(path, **opts)
+    run(full, progress=False)
+    resumed, replayed = resumed_and_replayed(cfg_factory(path, **opts))
+    a = load_file(f"{full.output_dir}/final/model.safetensors")
+    assert all(torch.equal(resumed[k], a[k]) for k in a), "resumed != straight"
+    assert all(torch.equal(replayed[k], a[k]) for k in a), "replayed != straight"
+    return a

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mezo_testlib import PlainSetup, resumed_and_replayed
+from mezo_testlib import PlainSetup, assert_resume_and_replay_rebuild
 
 from ferrytune.engine import active_blocks
 from ferrytune.errors import ConfigError
@@ -128,14 +128,9 @@ def test_streamed_tiers_equal_resident_and_clean_blocks_are_not_written(model, c
 
 
 def test_resume_and_replay_rebuild_a_block_sparse_run(model, cfg_factory):
-    opts = dict(zo={"block_fraction": 0.4, "momentum": 0.9}, train={"steps": 6, "checkpoint_every_steps": 2},
-                data={"eval": None}, offload={"tier": "nvme"})
-    full = cfg_factory(model, **opts)
-    run(full, progress=False)
-    resumed, replayed = resumed_and_replayed(cfg_factory(model, **opts))
-    a = _weights(full)
-    assert all(torch.equal(resumed[k], a[k]) for k in a)
-    assert all(torch.equal(replayed[k], a[k]) for k in a)
+    assert_resume_and_replay_rebuild(cfg_factory, model, zo={"block_fraction": 0.4, "momentum": 0.9},
+                                     train={"steps": 6, "checkpoint_every_steps": 2}, data={"eval": None},
+                                     offload={"tier": "nvme"})
 
 
 def test_block_fraction_with_lora_trainable_is_refused(model, cfg_factory):

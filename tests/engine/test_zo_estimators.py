@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mezo_testlib import PlainSetup, resumed_and_replayed
+from mezo_testlib import PlainSetup, assert_resume_and_replay_rebuild
 
 from ferrytune.errors import CheckpointError, ConfigError
 from ferrytune.kernels import PerturbKey, add_perturbation_
@@ -101,14 +101,9 @@ def test_fzoo_forwards_leave_blocks_clean(tiny_models, cfg_factory):
 @pytest.mark.parametrize("zo", [{}, {"momentum": 0.9}, {"update": "sign"}])
 def test_fzoo_resume_and_replay_are_exact(tiny_models, cfg_factory, zo):
     path = tiny_models("llama", layers=2, hidden=32)
-    opts = dict(zo={**FZOO, **zo}, train={"steps": 5, "checkpoint_every_steps": 1, "lr": 1e-4}, data={"eval": None},
-                offload={"tier": "nvme"})
-    full = cfg_factory(path, **opts)
-    run(full, progress=False)
-    resumed, replayed = resumed_and_replayed(cfg_factory(path, **opts))
-    a = _weights(full)
-    assert all(torch.equal(resumed[k], a[k]) for k in a)
-    assert all(torch.equal(replayed[k], a[k]) for k in a)
+    assert_resume_and_replay_rebuild(cfg_factory, path, zo={**FZOO, **zo}, data={"eval": None},
+                                     train={"steps": 5, "checkpoint_every_steps": 1, "lr": 1e-4},
+                                     offload={"tier": "nvme"})
 
 
 @pytest.mark.parametrize("zo,parallel,key", [
@@ -128,6 +123,16 @@ def test_fzoo_refuses_what_it_does_not_support(tiny_models, cfg_factory, zo, par
 # ------------------------------------------------------------------------------------------ HiZOO
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 HIZOO = {"estimator": "hizoo", "trainable": "lora", "eps": 1e-2, "hessian_smooth": 0.3}
+
+
+def _plain_hessian_update(hess: list[torch.Tensor], zs: list[list[torch.Tensor]], curv: list[float], a: float) -> None:
+    """H_i ← (1-α) H_i + Σ_k (α D_k / q) (H_i z_k,i²), from the H the step perturbed with."""
+    q = len(curv)
+    for i, h in enumerate(hess):
+        new = h * (1 - a)
+        for k, d in enumerate(curv):
+            new = new + (a * d / q) * (h * zs[k][i] * zs[k][i])
+        h.copy_(new)
 
 
 def _plain_hizoo(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
@@ -170,11 +175,7 @@ def _plain_hizoo(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor], list[floa
             for i, p in enumerate(theta):
                 for k, g in enumerate(grads):
                     p.add_(us[k][i], alpha=-t.lr * g / q)
-            for i, h in enumerate(hess):
-                new = h * (1 - a)
-                for k, d in enumerate(curv):
-                    new = new + (a * d / q) * (h * zs[k][i] * zs[k][i])
-                h.copy_(new)
+            _plain_hessian_update(hess, zs, curv, a)
             losses.append(l0)
             history.append([h.clone() for h in hess])
     return theta, history, losses
@@ -320,11 +321,7 @@ def _plain_hizoo_all(cfg) -> tuple[dict[str, torch.Tensor], list[dict[str, torch
                     for k, g in enumerate(grads):
                         d.add_(us[k][i], alpha=g / q)
                     p.add_(mom[i].mul_(zc.momentum).add_(d), alpha=-t.lr)
-            for i, h in enumerate(hess):
-                new = h * (1 - a)
-                for k, dk in enumerate(curv):
-                    new = new + (a * dk / q) * (h * zs[k][i] * zs[k][i])
-                h.copy_(new)
+            _plain_hessian_update(hess, zs, curv, a)
             losses.append(l0)
             history.append({n: h.clone() for (n, _), h in zip(s.params, hess)})
     return s.weights(), history, losses
@@ -357,14 +354,9 @@ def test_hizoo_full_model_equals_plain_loop(tiny_models, cfg_factory, arch, tier
 @pytest.mark.parametrize("zo", [{}, {"momentum": 0.9, "num_perturbations": 2}])
 def test_hizoo_full_model_resume_and_replay_are_exact(tiny_models, cfg_factory, zo):
     path = tiny_models("llama", layers=2, hidden=32)
-    opts = dict(zo={**HIZOO_ALL, **zo}, train={"steps": 5, "checkpoint_every_steps": 1, "lr": 1e-3},
-                data={"eval": None}, offload={"tier": "nvme"})
-    full = cfg_factory(path, **opts)
-    run(full, progress=False)
-    resumed, replayed = resumed_and_replayed(cfg_factory(path, **opts))
-    a = _weights(full)
-    assert all(torch.equal(resumed[k], a[k]) for k in a)
-    assert all(torch.equal(replayed[k], a[k]) for k in a)
+    a = assert_resume_and_replay_rebuild(cfg_factory, path, zo={**HIZOO_ALL, **zo}, data={"eval": None},
+                                         train={"steps": 5, "checkpoint_every_steps": 1, "lr": 1e-3},
+                                         offload={"tier": "nvme"})
     assert any(not torch.equal(a[k], v) for k, v in load_file(f"{path}/model.safetensors").items())
 
 
