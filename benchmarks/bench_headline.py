@@ -126,7 +126,7 @@ def parse_variants(items: list[str]) -> dict[str, dict]:
 def run_variant(a, name: str, zo: dict, model: Path, store_dir: Path, data: Path, fio: list, P: int) -> dict:
     """Set up a ZOTrainer with ``zo`` (its store built anew), run ``a.steps`` steps with the disk's
     ceiling and a CPU probe after each, close it and delete the store."""
-    cfg = with_zo(zo_config(model, a.dir / "run", "nvme", data=data, batch=a.batch, max_length=a.seq,
+    cfg = with_zo(zo_config(model, a.dir / "run", a.tier, data=data, batch=a.batch, max_length=a.seq,
                             store_dtype="bfloat16", host_budget_gib=a.budget_gib,
                             prefetch_depth=a.prefetch_depth, nvme_dir=store_dir), zo)
     log(f"[{name}] zo settings: {cfg.zo.model_dump()}")
@@ -142,11 +142,14 @@ def run_variant(a, name: str, zo: dict, model: Path, store_dir: Path, data: Path
     try:
         for i in range(a.steps):
             rec = s.step()
-            fio.append(disk_baseline(a.dir / "fio", int(a.fio_gib * 2**30)))
-            base = {k: statistics.mean(f[k] for f in fio[-2:]) for k in ("fio_read_gbs", "fio_write_gbs")}
+            if a.tier == "nvme":
+                fio.append(disk_baseline(a.dir / "fio", int(a.fio_gib * 2**30)))
+                base = {k: statistics.mean(f[k] for f in fio[-2:]) for k in ("fio_read_gbs", "fio_write_gbs")}
+            else:  # --tier host: no disk in the step; the compute measure alone
+                base = {"fio_read_gbs": float("nan"), "fio_write_gbs": float("nan")}
             rec["fio_read_gbs"], rec["fio_write_gbs"] = base["fio_read_gbs"], base["fio_write_gbs"]
-            rec["disk_bound_s"] = disk_bound_s(rec, base)
-            rec["step_vs_disk_bound"] = rec["step_s"] / rec["disk_bound_s"]
+            rec["disk_bound_s"] = disk_bound_s(rec, base) if a.tier == "nvme" else 0.0
+            rec["step_vs_disk_bound"] = rec["step_s"] / rec["disk_bound_s"] if rec["disk_bound_s"] else float("nan")
             # the issue's two measures: the compute thread's work per parameter, and how well the disk
             # and that work overlap (1.0: the step takes exactly the longer of the two)
             rec["compute_ns_per_param"] = rec["compute_s"] / P * 1e9
@@ -184,6 +187,9 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=288)
     ap.add_argument("--budget-gib", type=float, default=2.0, help="offload.host_budget_gib")
+    ap.add_argument("--tier", choices=["nvme", "host"], default="nvme",
+                    help="host: the masters in a host arena (a model that fits in RAM: lower --layers), no disk: "
+                         "measures the compute per parameter of each variant without the disk's variance")
     ap.add_argument("--prefetch-depth", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
@@ -211,7 +217,7 @@ def main() -> None:
     model, store_dir = a.dir / "model", a.dir / "nvme"
     shape = {"hidden": a.hidden, "intermediate": a.intermediate, "layers": a.layers, "vocab": 49152}
     info = build(model, dry_run=True, **shape)
-    need = info["bytes_bf16"] * (1 if (model / "config.json").exists() else 2) + 4e9
+    need = info["bytes_bf16"] * ((0 if (model / "config.json").exists() else 1) + (a.tier == "nvme")) + 4e9
     free = disk_free_gb(a.dir) * GB
     log(f"disk: {free / GB:.1f} GB free, {need / GB:.1f} GB needed")
     if free < need:
@@ -226,8 +232,10 @@ def main() -> None:
         f"(RAM {mem_total:.1f} GiB), built in {build_s:.0f}s")
 
     data = make_data(a.dir / "data.jsonl")
-    fio = [disk_baseline(a.dir / "fio", int(a.fio_gib * 2**30))]
-    log(f"fio: read {fio[0]['fio_read_gbs']:.2f} GB/s, write {fio[0]['fio_write_gbs']:.2f} GB/s")
+    fio = []
+    if a.tier == "nvme":
+        fio.append(disk_baseline(a.dir / "fio", int(a.fio_gib * 2**30)))
+        log(f"fio: read {fio[0]['fio_read_gbs']:.2f} GB/s, write {fio[0]['fio_write_gbs']:.2f} GB/s")
     variants = parse_variants(a.variant or DEFAULT_VARIANTS)
     P = info["params"]
     results = {}
