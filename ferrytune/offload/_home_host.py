@@ -69,9 +69,14 @@ class HostArenaHome:
         return self.numel[b] * self._es
 
     def close(self) -> None:
+        """Unpin and drop the arena (idempotent): its memory goes back when the last view of it goes,
+        not when the garbage collector next breaks the trainer's reference cycles."""
         if self._pinned_ptr is not None:
             torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
             self._pinned_ptr = None
+        self._masters.clear()
+        self._mem = None
+        self.host_bytes = 0
 
 
 def _pin(t: torch.Tensor) -> int | None:
