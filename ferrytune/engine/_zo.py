@@ -180,8 +180,9 @@ class ZOEngine:
                                 active=frozenset() if all(s[1] == 0 for s in streams) else self.active(step))
         hess = self.hessian_streamer is not None and dirty and bool(self._pass.active)
         if hess:  # the chain reads H of every perturbed block, the update changes it
-            self._pass.hess = {}
-            self.hessian_streamer.start_pass([b for b in order if b in self._pass.active or b in updating])
+            hess_order = [b for b in order if b in self._pass.active or b in updating]
+            self._pass.hess, self._pass.hess_blocks = {}, frozenset(hess_order)
+            self.hessian_streamer.start_pass(hess_order)
         ok = False
         try:
             self._open_block(OUTER)
@@ -295,7 +296,7 @@ class ZOEngine:
     def _open_block(self, b: str) -> None:
         flat = self.streamer.acquire(b)
         hess = None
-        if self._pass.hess is not None and (b in self._pass.active or self._needs_update(b)):
+        if b in self._pass.hess_blocks:
             hess = self._pass.hess[b] = self.hessian_streamer.acquire(b)
         if self._pass.dirty and self._needs_update(b):
             updated = self._apply_update(b, flat, hess)
@@ -636,6 +637,7 @@ class _PassState:
     restore_at_close: dict[int, tuple["_Chain", int]] = field(default_factory=dict)  # param_id -> (chain, index)
     shared_theta: dict[int, torch.Tensor] = field(default_factory=dict)  # HiZOO: a shared value's θ for later units
     hess: dict[str, torch.Tensor] | None = None  # HiZOO training pass: the H of each open block
+    hess_blocks: frozenset[str] = frozenset()  # HiZOO training pass: the blocks whose H it reads, in its order
     experts: "_ExpertChain | None" = None  # zo.routed_experts: the chain of the unit computing now
     routed: dict[str, dict[int, set[int]]] = field(default_factory=dict)  # block -> k -> experts perturbed
     changed_experts: dict[str, set[int]] = field(default_factory=dict)  # block -> experts the update changed

@@ -37,9 +37,10 @@ from ferrytune.data import loss_per_sample
 from ferrytune.engine._lora_trainer import LoraTrainer
 from ferrytune.engine._schedule import lr_at
 from ferrytune.engine._loop import StepResult
-from ferrytune.engine._zo_math import ZOHyper, chained_copies, hessian_update_, hizoo_terms, zo_update_
+from ferrytune.engine._zo_math import ZOHyper, chained_copies, hessian_update_, zo_update_
 from ferrytune.data import pad_positions
-from ferrytune.engine._zo_trainer import append_zo_log, grads_from, read_zo_log, streams_for, trim_zo_log
+from ferrytune.engine._zo_trainer import (append_zo_log, grads_from, hizoo_grads_from, read_zo_log, streams_for,
+                                          trim_zo_log)
 from ferrytune.errors import CheckpointError
 from ferrytune.kernels import PerturbKey, perturbation
 from ferrytune.lora import Adapter, Router, attach
@@ -128,7 +129,7 @@ class ZOLoraTrainer(LoraTrainer):
         all_reduce_sum_(table, self.mesh)
         curv = None
         if self.hizoo:  # the step's loss is f(θ)
-            grads, loss, curv = hizoo_terms([sum(table[r].tolist()) / t.batch_size for r in range(2 * q + 1)], eps)
+            grads, loss, curv = hizoo_grads_from(table, eps=eps, rows_total=t.batch_size)
         else:
             grads, loss = grads_from(table, eps=eps, rows_total=t.batch_size)
         if not all(math.isfinite(g) for g in grads + (curv or [])):

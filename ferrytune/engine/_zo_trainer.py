@@ -97,7 +97,13 @@ def zo_forward(engine: ZOEngine, step: int, micro: list[Batch], streams: list[St
     MeZO, (1+q, M_global) for FZOO (row 0: f(θ), row 1+k: f(θ+εz_k)), (2q+1, M_global) for HiZOO
     (MeZO's rows, then f(θ))."""
     fzoo, hizoo = engine.h.estimator == "fzoo", engine.h.estimator == "hizoo"
-    row_of = _fzoo_row if fzoo else (lambda st: 2 * q if st[1] == 0 else stream_row(st)) if hizoo else stream_row
+    if fzoo:
+        row_of = _fzoo_row
+    elif hizoo:  # f(θ) after MeZO's 2q rows
+        def row_of(st: Stream) -> int:
+            return 2 * q if st[1] == 0 else stream_row(st)
+    else:
+        row_of = stream_row
     micro = pad_positions(micro)
     B = micro[0].batch_size
     dev = engine.device
@@ -126,6 +132,11 @@ def grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[lis
     means = [sum(table[r].tolist()) / rows_total for r in range(2 * q)]
     grads = [(means[2 * k] - means[2 * k + 1]) / (2 * eps) for k in range(q)]
     return grads, (means[0] + means[1]) / 2
+
+
+def hizoo_grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[list[float], float, list[float]]:
+    """HiZOO's ``(g_k, f(θ), D_k)`` (``hizoo_terms``) from a (2q+1, M) table: MeZO's rows, then f(θ)."""
+    return hizoo_terms([sum(table[r].tolist()) / rows_total for r in range(table.shape[0])], eps)
 
 
 def fzoo_grads_from(table: torch.Tensor, *, eps: float, rows_total: int) -> tuple[list[float], float, dict]:
@@ -162,9 +173,9 @@ class ZOTrainer(StepLoop):
         rt.streamer.open(weights_from(source, rt.layout))
         self.state_streamer = self.hessian_streamer = None
         if cfg.zo.momentum > 0:
-            self.state_streamer = self._open_state("momentum", MOMENTUM_FILE, fill=0.0)
+            self.state_streamer = self._open_state("momentum", MOMENTUM_FILE, fill=0.0)  # a checkpoint without: 0
         if cfg.zo.estimator == "hizoo":
-            self.hessian_streamer = self._open_state("hessian", HESSIAN_FILE, fill=1.0)
+            self.hessian_streamer = self._open_state("hessian", HESSIAN_FILE, fill=1.0, required="zo.estimator: hizoo")
         hyper = ZOHyper.from_config(cfg.zo, cfg.train)
         self.engine = ZOEngine(rt.layout, rt.streamer, hyper, device=rt.device, compute_dtype=rt.compute_dtype,
                                store_dtype=rt.store_dtype, state_streamer=self.state_streamer,
@@ -194,9 +205,10 @@ class ZOTrainer(StepLoop):
                 out[p.param_id] = mask_threshold(flat[p.offset:p.offset + p.numel], fraction)
         return out
 
-    def _open_state(self, name: str, filename: str, *, fill: float):
+    def _open_state(self, name: str, filename: str, *, fill: float, required: str | None = None):
         """A streamer of per-parameter fp32 optimizer state (momentum, HiZOO's H) over the model's blocks,
-        in the weights' tiers; filled with ``fill``, or read from the resumed checkpoint's ``filename``."""
+        in the weights' tiers; filled with ``fill``, or read from the resumed checkpoint's ``filename``
+        (``required``: the setting that needs it, named when a resumed checkpoint lacks it)."""
         cfg, rt, sub = self.cfg, self.rt, self.nvme_subdir()
         st = build_streamer(
             rt.plan, {b: s.numel for b, s in rt.layout.blocks.items()}, device=rt.device,
@@ -205,16 +217,16 @@ class ZOTrainer(StepLoop):
             io_threads=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums,
             io_backend=cfg.offload.io_backend)
         try:
-            st.open(self._state_init(self.ckpt / filename if self.ckpt else None, fill))
+            st.open(self._state_init(self.ckpt / filename if self.ckpt else None, fill, required))
         except BaseException:
             self.close_streamer(st)
             raise
         return st
 
-    def _state_init(self, path: Path | None, fill: float):
+    def _state_init(self, path: Path | None, fill: float, required: str | None):
         layout = self.rt.layout
-        if path is not None and not path.exists() and fill != 0.0:
-            raise CheckpointError(f"{self.ckpt}: has no {path.name} (saved without zo.estimator: hizoo); "
+        if path is not None and not path.exists() and required is not None:
+            raise CheckpointError(f"{self.ckpt}: has no {path.name} (saved without {required}); "
                                   "resume it with the zo settings it was trained with")
         if path is None or not path.exists():
             return lambda b, flat: flat.fill_(fill)
@@ -240,8 +252,7 @@ class ZOTrainer(StepLoop):
         if cfg.zo.estimator == "fzoo":  # grads = the update's coefficients g_k / σ; the log keeps g and σ too
             grads, loss, extra = fzoo_grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
         elif cfg.zo.estimator == "hizoo":  # the step's loss is f(θ); the log keeps D_k for replay
-            grads, loss, curv = hizoo_terms([sum(table[r].tolist()) / t.batch_size for r in range(2 * q + 1)],
-                                            cfg.zo.eps)
+            grads, loss, curv = hizoo_grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
             extra = {"curv": curv}
         else:
             grads, loss = grads_from(table, eps=cfg.zo.eps, rows_total=t.batch_size)
