@@ -181,7 +181,7 @@ class ZOEngine:
         hess = self.hessian_streamer is not None and dirty and bool(self._pass.active)
         if hess:  # the chain reads H of every perturbed block, the update changes it
             hess_order = [b for b in order if b in self._pass.active or b in updating]
-            self._pass.hess, self._pass.hess_blocks = {}, frozenset(hess_order)
+            self._pass.hess_blocks = frozenset(hess_order)
             self.hessian_streamer.start_pass(hess_order)
         ok = False
         try:
@@ -322,7 +322,7 @@ class ZOEngine:
             changed = ps.changed_experts.get(b, set()).union(*ps.routed.get(b, {}).values())
             ranges = [(0, ex.dense_numel)] + [r for e in sorted(changed) for r in ex.ranges(e)]
         self.streamer.release(b, dirty=dirty, ranges=ranges)
-        if ps.hess is not None and b in ps.hess:
+        if b in ps.hess:
             del ps.hess[b]
             self.hessian_streamer.release(b, dirty=b in ps.touched)
 
@@ -348,7 +348,7 @@ class ZOEngine:
             own = [p for p in unit.params if p.param_id not in self._shared and p.param_id not in self._fused]
             shared = [p for p in unit.params if p.param_id in self._shared]
             by_stream: dict[tuple[int, int, int], Any] = {}
-            hess = None if ps.hess is None else ps.hess[unit.block_id]
+            hess = ps.hess[unit.block_id] if unit.block_id in ps.hess_blocks else None
             if (0, 0) in ps.streams:  # HiZOO's f(θ): the weights before any link of the chain
                 for p in shared:  # the first unit uses the value in place and keeps a copy for the later ones
                     held = ps.shared_theta.get(p.param_id)
@@ -636,8 +636,8 @@ class _PassState:
     shared_cache: dict = field(default_factory=dict)  # (param_id, k) -> {sign: copy, or None: the block itself}
     restore_at_close: dict[int, tuple["_Chain", int]] = field(default_factory=dict)  # param_id -> (chain, index)
     shared_theta: dict[int, torch.Tensor] = field(default_factory=dict)  # HiZOO: a shared value's θ for later units
-    hess: dict[str, torch.Tensor] | None = None  # HiZOO training pass: the H of each open block
-    hess_blocks: frozenset[str] = frozenset()  # HiZOO training pass: the blocks whose H it reads, in its order
+    hess: dict[str, torch.Tensor] = field(default_factory=dict)  # HiZOO training pass: the H of each open block
+    hess_blocks: frozenset[str] = frozenset()  # HiZOO training pass: the blocks whose H it reads (empty otherwise)
     experts: "_ExpertChain | None" = None  # zo.routed_experts: the chain of the unit computing now
     routed: dict[str, dict[int, set[int]]] = field(default_factory=dict)  # block -> k -> experts perturbed
     changed_experts: dict[str, set[int]] = field(default_factory=dict)  # block -> experts the update changed
